@@ -30,7 +30,6 @@ setup(
     entry_points={
         "console_scripts": [
             "megazero-pretrain-gpt=pretrain_gpt:main",
-            "megazero-preprocess-data=tools.preprocess_data:main",
         ],
     },
 )
