@@ -1,0 +1,84 @@
+"""The one module that calls torch.distributed collectives.
+
+Every collective in megazero goes through these functions so that (a) torch renames touch one file,
+(b) every call names its process group explicitly (there is no `group=None` fallback to the world:
+DESIGN.md principle 1), and (c) size-1 groups cost nothing.
+
+Backend notes: gloo on CPU supports all_reduce, reduce_scatter_tensor, all_gather_into_tensor
+(concatenating along dim 0 only) and batch_isend_irecv; callers that gather along another dim move
+that dim to the front first (see tensor_parallel/collectives.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = dist.ProcessGroup
+
+# torch 2.13 renamed the flat-tensor collectives (*_into_tensor / *_tensor -> *_single) and deprecated
+# the old names; pick whichever this torch has.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def group_size(group: ProcessGroup) -> int:
+    return dist.get_world_size(group=group)
+
+
+def group_rank(group: ProcessGroup) -> int:
+    return dist.get_rank(group=group)
+
+
+def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum / max / min / avg-as-sum-then-divide) over `group`."""
+    if group_size(group) == 1:
+        return tensor
+    if op == "avg":
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor.div_(group_size(group))
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+    dist.all_reduce(tensor, op=reduce_op, group=group)
+    return tensor
+
+
+def all_gather_dim0(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along dim 0: [n, ...] -> [n * world, ...] (rank order)."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    out = torch.empty((tensor.shape[0] * world, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    _all_gather_flat(out, tensor, group=group)
+    return out
+
+
+def reduce_scatter_dim0(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Sum over ranks, then keep this rank's dim-0 chunk: [n * world, ...] -> [n, ...]."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    assert tensor.shape[0] % world == 0, f"dim 0 ({tensor.shape[0]}) not divisible by group size {world}"
+    tensor = tensor.contiguous()
+    out = torch.empty((tensor.shape[0] // world, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    _reduce_scatter_flat(out, tensor, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def broadcast_(tensor: torch.Tensor, src_global_rank: int, group: ProcessGroup) -> torch.Tensor:
+    if group_size(group) > 1:
+        dist.broadcast(tensor, src=src_global_rank, group=group)
+    return tensor
+
+
+def barrier(group: ProcessGroup) -> None:
+    dist.barrier(group=group)
+
+
+def new_group(ranks: list[int], backend: str | None = None) -> ProcessGroup:
+    """Create a process group; must be called by every rank of the world, for every group, in order."""
+    return dist.new_group(ranks=ranks, backend=backend)
+
+
+def batch_isend_irecv(ops: list[dist.P2POp]) -> list:
+    return dist.batch_isend_irecv(ops) if ops else []

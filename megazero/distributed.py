@@ -1,0 +1,90 @@
+"""Process start-up and teardown: backend/device choice, default process group, rank-aware printing.
+
+Launch contract: `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Without
+them (plain `python pretrain_gpt.py`) this is a world of one, still with real (size-1) process groups
+so that every code path is the distributed one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megazero.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process, read before any process group exists."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_environ(cls) -> "LaunchEnv":
+        return cls(
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        )
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def resolve_backend(requested: str | None) -> str:
+    backend = requested or default_backend()
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--distributed-backend nccl needs CUDA, which is not available; use gloo (CPU)")
+    if backend not in ("nccl", "gloo"):
+        raise ConfigError(f"--distributed-backend must be nccl or gloo, got {backend!r}")
+    return backend
+
+
+def device_for(backend: str, local_rank: int) -> torch.device:
+    """nccl -> this process's GPU; gloo -> CPU (gloo is the tested CPU path, not a toy)."""
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(env: LaunchEnv, backend: str, timeout_minutes: float = 10.0) -> None:
+    """Create the default (world) group. A world of one uses an in-memory store: no ports, no env."""
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class RankPrinter:
+    """print() for one rank (by default global rank 0): messages appear once, not world_size times."""
+
+    def __init__(self, rank: int, printing_rank: int = 0):
+        self.enabled = rank == printing_rank
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+
+def fail(message: str, rank: int, exit_code: int = 2) -> "NoReturn":  # noqa: F821
+    """One-line user error: printed by rank 0 only, every rank exits with `exit_code`."""
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)

@@ -1,0 +1,149 @@
+"""GPT-2 decoder built from tensor-parallel layers.
+
+Numerically the GPT-2 architecture (so Hugging Face's GPT2LMHeadModel can be exported exactly):
+learned absolute positions, pre-LayerNorm blocks (eps 1e-5), tanh-approximate GELU, biases everywhere,
+attention scale 1/sqrt(head_dim), causal self-attention through torch's scaled_dot_product_attention,
+a final LayerNorm and an output layer tied to the word embedding.
+
+Shapes: activations are batch-first [b, s, h]. With tp ranks, each rank holds heads/tp attention
+heads and ffn/tp MLP columns; activations between blocks are replicated [b, s, h] on every TP rank.
+
+QKV layout: the fused QKV weight's global output dim is ordered [head, (q, k, v), head_dim], so a
+contiguous split of dim 0 over TP ranks gives each rank whole heads. (HF's c_attn orders [(q, k, v),
+head, head_dim]; the exporter permutes.)
+
+Layer names use *global* layer numbers (`layers.7.attention...`) so that a pipeline stage holding
+layers 4-7 has the same parameter names, initial values and checkpoint keys as a single process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megazero import comm
+from megazero.config import ModelConfig
+from megazero.model.norms import LayerNorm
+from megazero.random import RNGStreams
+from megazero.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megazero.tensor_parallel.init import normal_init, set_init
+from megazero.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    parallel_lm_logits,
+)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, output_init, dtype, device):
+        super().__init__()
+        tp = comm.group_size(tp_group)
+        self.rng = rng
+        self.local_heads = cfg.num_attention_heads // tp
+        self.head_dim = cfg.head_dim
+        self.dropout_p = cfg.attention_dropout
+        self.query_key_value = ColumnParallelLinear(
+            cfg.hidden_size, 3 * cfg.hidden_size, tp_group=tp_group,
+            init_method=normal_init(cfg.init_method_std), dtype=dtype, device=device)
+        self.dense = RowParallelLinear(
+            cfg.hidden_size, cfg.hidden_size, tp_group=tp_group, init_method=output_init,
+            input_is_parallel=True, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x)  # [b, s, local_heads * 3 * head_dim]
+        q, k, v = qkv.view(b, s, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # 3 x [b, nh, s, hd]
+        dropout_p = self.dropout_p if self.training else 0.0
+        # Attention probabilities are sharded by head across TP ranks: draw their dropout from the
+        # per-TP-rank stream so ranks do not drop the same positions of different heads.
+        with self.rng.fork("tensor-parallel"):
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        context = context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)  # [b, s, h/tp]
+        return self.dense(context)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, output_init, dtype, device):
+        super().__init__()
+        self.dense_h_to_4h = ColumnParallelLinear(
+            cfg.hidden_size, cfg.ffn_size, tp_group=tp_group,
+            init_method=normal_init(cfg.init_method_std), dtype=dtype, device=device)
+        self.dense_4h_to_h = RowParallelLinear(
+            cfg.ffn_size, cfg.hidden_size, tp_group=tp_group, init_method=output_init,
+            input_is_parallel=True, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    """x + drop(attn(ln1(x))), then + drop(mlp(ln2(.))); dropout on replicated activations uses the
+    ambient (TP-replicated) RNG stream."""
+
+    def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, dtype, device):
+        super().__init__()
+        # GPT-2 / Megatron: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
+        output_init = normal_init(cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers))
+        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device)
+        self.attention = SelfAttention(cfg, tp_group, rng, output_init, dtype, device)
+        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device)
+        self.mlp = MLP(cfg, tp_group, output_init, dtype, device)
+        self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.hidden_dropout(self.attention(self.input_layernorm(x)))
+        return x + self.hidden_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPTModel(nn.Module):
+    """A GPT (or one pipeline chunk of it: `layer_range`, `pre_process`, `post_process`).
+
+    forward(tokens [b, s], labels [b, s] | None) -> per-token loss [b, s] (fp32) when labels are given,
+    else this rank's vocab slice of the logits [b, s, V_padded/tp].
+    """
+
+    def __init__(self, cfg: ModelConfig, *, tp_group, rng: RNGStreams, layer_range: range | None = None,
+                 pre_process: bool = True, post_process: bool = True, dtype=torch.float32, device=None):
+        super().__init__()
+        assert cfg.vocab_size is not None
+        self.cfg, self.tp_group = cfg, tp_group
+        self.pre_process, self.post_process = pre_process, post_process
+        tp = comm.group_size(tp_group)
+        layer_range = layer_range if layer_range is not None else range(cfg.num_layers)
+
+        # The word embedding exists on the first stage (input) and the last (tied output layer).
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
+            init_method=normal_init(cfg.init_method_std), logical_vocab_size=cfg.vocab_size,
+            dtype=dtype, device=device)
+        if pre_process:
+            self.position_embeddings = nn.Parameter(
+                torch.empty(cfg.max_positions, cfg.hidden_size, dtype=dtype, device=device))
+            set_init(self.position_embeddings, normal_init(cfg.init_method_std))
+            self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(cfg, tp_group, rng, dtype, device) for i in layer_range})
+        if post_process:
+            self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.word_embeddings(tokens) + self.position_embeddings[positions]  # [b, s, h]
+        return self.embedding_dropout(x)
+
+    def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden
+        for block in self.layers.values():
+            x = block(x)
+        if not self.post_process:
+            return x  # hidden states [b, s, h] for the next pipeline stage
+        x = self.final_layernorm(x)
+        logits = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group)  # [b, s, V/tp]
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(
+            logits, labels, self.tp_group, self.word_embeddings.vocab_start, self.cfg.vocab_size)

@@ -1,0 +1,124 @@
+"""Tensor-parallel layers whose math equals nn.Linear / nn.Embedding at tp=1.
+
+Partition math (W is the global weight of nn.Linear, shape [out, in]; y = x W^T + b):
+
+- ColumnParallelLinear splits W along `out` (dim 0): rank r holds W_r [out/tp, in] and b_r [out/tp],
+  computes y_r = x W_r^T + b_r, i.e. the r-th chunk of y's last dim. Input x is replicated, so its
+  gradient is the sum over ranks (copy_to_tp_region: identity forward, all-reduce backward).
+  gather_output=True all-gathers y back to [.., out].
+- RowParallelLinear splits W along `in` (dim 1): rank r holds W_r [out, in/tp] and consumes the r-th
+  chunk x_r of the input's last dim, so y = sum_r x_r W_r^T + b (reduce_from_tp_region: all-reduce
+  forward, identity backward). b is replicated and added once, after the reduction.
+- VocabParallelEmbedding splits the table along vocab (dim 0): rank r holds rows [r*V/tp, (r+1)*V/tp);
+  ids outside a rank's range look up zeros there and the all-reduce assembles each row from its owner.
+
+Parameters are created empty with a ShardSpec and an init function; `initialize_parameters` fills them
+layout-invariantly (tensor_parallel/init.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megazero import comm
+from megazero.tensor_parallel.collectives import (
+    copy_to_tp_region,
+    gather_from_tp_region,
+    reduce_from_tp_region,
+    scatter_to_tp_region,
+)
+from megazero.tensor_parallel.init import InitFn, constant_init, set_init
+from megazero.tensor_parallel.sharding import ShardSpec, set_shard_spec
+
+
+def _make_param(spec: ShardSpec, init: InitFn, dtype: torch.dtype, device) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(spec.local_shape, dtype=dtype, device=device))
+    set_shard_spec(param, spec)
+    set_init(param, init)
+    return param
+
+
+def _check_divisible(size: int, tp: int, what: str) -> None:
+    assert size % tp == 0, f"{what} ({size}) must be divisible by tensor-parallel size {tp}"
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W split along output features. Input [..., in] -> output [..., out/tp]
+    (or [..., out] with gather_output)."""
+
+    def __init__(self, in_features: int, out_features: int, *, tp_group, init_method: InitFn,
+                 bias: bool = True, gather_output: bool = False, dtype=torch.float32, device=None):
+        super().__init__()
+        self.tp_group = tp_group
+        tp, tp_rank = comm.group_size(tp_group), comm.group_rank(tp_group)
+        _check_divisible(out_features, tp, "output features")
+        self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
+        self.weight = _make_param(
+            ShardSpec((out_features, in_features), tp_dim=0, tp_rank=tp_rank, tp_size=tp), init_method, dtype, device)
+        self.bias = (
+            _make_param(ShardSpec((out_features,), tp_dim=0, tp_rank=tp_rank, tp_size=tp), constant_init(0.0), dtype, device)
+            if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tp_region(x, self.tp_group), self.weight, self.bias)
+        return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W split along input features. Input [..., in/tp] (input_is_parallel) or
+    [..., in] (scattered here) -> output [..., out], replicated on every TP rank."""
+
+    def __init__(self, in_features: int, out_features: int, *, tp_group, init_method: InitFn,
+                 bias: bool = True, input_is_parallel: bool = True, dtype=torch.float32, device=None):
+        super().__init__()
+        self.tp_group = tp_group
+        tp, tp_rank = comm.group_size(tp_group), comm.group_rank(tp_group)
+        _check_divisible(in_features, tp, "input features")
+        self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, input_is_parallel
+        self.weight = _make_param(
+            ShardSpec((out_features, in_features), tp_dim=1, tp_rank=tp_rank, tp_size=tp), init_method, dtype, device)
+        self.bias = (
+            _make_param(ShardSpec((out_features,)), constant_init(0.0), dtype, device) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.tp_group)
+        y = reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token ids [...] -> embeddings [..., dim], table split along the (padded) vocabulary.
+
+    `num_embeddings` is the padded vocab (divisible by tp); rows >= `logical_vocab_size` are padding:
+    zero-initialised, never looked up, and masked out of the loss (cross_entropy.py).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group, init_method: InitFn,
+                 logical_vocab_size: int | None = None, dtype=torch.float32, device=None):
+        super().__init__()
+        self.tp_group = tp_group
+        tp, tp_rank = comm.group_size(tp_group), comm.group_rank(tp_group)
+        _check_divisible(num_embeddings, tp, "padded vocabulary size")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.logical_vocab_size = logical_vocab_size or num_embeddings
+        spec = ShardSpec((num_embeddings, embedding_dim), tp_dim=0, tp_rank=tp_rank, tp_size=tp,
+                         logical_size=self.logical_vocab_size)
+        self.weight = _make_param(spec, init_method, dtype, device)
+        self.vocab_start = spec.offset
+        self.vocab_end = spec.offset + spec.local_shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        emb = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(emb, self.tp_group)
+
+
+def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: torch.Tensor, tp_group) -> torch.Tensor:
+    """Output layer tied to the (vocab-sharded) input embedding: [..., h] -> local logits [..., V/tp]."""
+    return F.linear(copy_to_tp_region(hidden, tp_group), word_embeddings)

@@ -1,0 +1,209 @@
+"""Each tensor-parallel component vs its unsharded torch counterpart, forward and backward, at tp=2 and
+tp=4 on real gloo processes: outputs, input grads and every weight grad (fp32, rtol 1e-5).
+
+One 4-process launch runs every check for both sizes (tp=2 builds two TP groups, tp=4 one) and
+returns the max relative errors; the assertions run in pytest.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megazero.config import ModelConfig
+from megazero.model import GPTModel
+from megazero.random import RNGStreams
+from megazero.tensor_parallel.collectives import gather_from_tp_region
+from megazero.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megazero.tensor_parallel.init import initialize_parameters, normal_init
+from megazero.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megazero.tensor_parallel.sharding import get_shard_spec
+from megazero.topology import GridShape, Topology
+from tests.dist_utils import run_distributed
+
+RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _gather_full(param: torch.Tensor, group) -> torch.Tensor:
+    """Assemble the global tensor from TP shards (independent of the init code)."""
+    spec = get_shard_spec(param)
+    if spec.tp_dim is None:
+        return param.detach().clone()
+    chunks = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(chunks, param.detach().contiguous(), group=group)
+    return torch.cat(chunks, dim=spec.tp_dim)
+
+
+def _local(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    return get_shard_spec(param).local_slice(full)
+
+
+def _same_on_all_ranks(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _check_column(tp_group, gather_output):
+    layer = ColumnParallelLinear(16, 24, tp_group=tp_group, init_method=normal_init(0.5), gather_output=gather_output)
+    initialize_parameters(layer, seed=3)
+    ref = torch.nn.Linear(16, 24)
+    with torch.no_grad():
+        ref.weight.copy_(_gather_full(layer.weight, tp_group))
+        ref.bias.copy_(_gather_full(layer.bias, tp_group))
+        ref.bias.add_(0.1)
+        layer.bias.add_(0.1)
+    x = _same_on_all_ranks(3, 5, 16, seed=1).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    proj = _same_on_all_ranks(3, 5, 24, seed=2)
+    y = layer(x)
+    y_ref = ref(x_ref)
+    errs = {}
+    if gather_output:
+        errs["out"] = _rel(y, y_ref)
+        (y * proj).sum().backward()
+    else:
+        # local output is this rank's chunk of the output features
+        y_ref_local = y_ref.chunk(dist.get_world_size(tp_group), -1)[dist.get_rank(tp_group)]
+        errs["out"] = _rel(y, y_ref_local)
+        proj_local = proj.chunk(dist.get_world_size(tp_group), -1)[dist.get_rank(tp_group)]
+        (y * proj_local).sum().backward()
+    (y_ref * proj).sum().backward()
+    errs["dx"] = _rel(x.grad, x_ref.grad)
+    errs["dW"] = _rel(layer.weight.grad, _local(ref.weight.grad, layer.weight))
+    errs["db"] = _rel(layer.bias.grad, _local(ref.bias.grad, layer.bias))
+    return errs
+
+
+def _check_row(tp_group, input_is_parallel):
+    tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    layer = RowParallelLinear(24, 16, tp_group=tp_group, init_method=normal_init(0.5), input_is_parallel=input_is_parallel)
+    initialize_parameters(layer, seed=4)
+    with torch.no_grad():
+        layer.bias.add_(0.3)
+    ref = torch.nn.Linear(24, 16)
+    with torch.no_grad():
+        ref.weight.copy_(_gather_full(layer.weight, tp_group))
+        ref.bias.copy_(layer.bias)
+    x_full = _same_on_all_ranks(3, 5, 24, seed=5)
+    x = (x_full.chunk(tp, -1)[tp_rank].clone() if input_is_parallel else x_full.clone()).requires_grad_()
+    x_ref = x_full.clone().requires_grad_()
+    proj = _same_on_all_ranks(3, 5, 16, seed=6)
+    y, y_ref = layer(x), ref(x_ref)
+    (y * proj).sum().backward()
+    (y_ref * proj).sum().backward()
+    dx_ref = x_ref.grad.chunk(tp, -1)[tp_rank] if input_is_parallel else x_ref.grad
+    return {"out": _rel(y, y_ref), "dx": _rel(x.grad, dx_ref),
+            "dW": _rel(layer.weight.grad, _local(ref.weight.grad, layer.weight)),
+            "db": _rel(layer.bias.grad, ref.bias.grad)}
+
+
+def _check_embedding(tp_group):
+    tp = dist.get_world_size(tp_group)
+    vocab, padded = 1000, -(-1000 // (128 * tp)) * (128 * tp)  # padding lands on the last rank(s)
+    layer = VocabParallelEmbedding(padded, 8, tp_group=tp_group, init_method=normal_init(1.0), logical_vocab_size=vocab)
+    initialize_parameters(layer, seed=7)
+    full = _gather_full(layer.weight, tp_group)
+    assert torch.all(full[vocab:] == 0), "padding rows must be zero"
+    ref = torch.nn.Embedding(vocab, 8)
+    with torch.no_grad():
+        ref.weight.copy_(full[:vocab])
+    ids = torch.randint(0, vocab, (4, 7), generator=torch.Generator().manual_seed(8))
+    ids[0, :3] = torch.tensor([0, vocab - 1, padded // tp])  # range edges
+    proj = _same_on_all_ranks(4, 7, 8, seed=9)
+    y, y_ref = layer(ids), ref(ids)
+    (y * proj).sum().backward()
+    (y_ref * proj).sum().backward()
+    ref_grad = torch.cat([ref.weight.grad, torch.zeros(padded - vocab, 8)])
+    return {"out": _rel(y, y_ref), "dW": _rel(layer.weight.grad, _local(ref_grad, layer.weight))}
+
+
+def _check_cross_entropy(tp_group):
+    tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    vocab, padded = 1000, -(-1000 // (128 * tp)) * (128 * tp)
+    logits_full = _same_on_all_ranks(3, 6, vocab, seed=10) * 4
+    # Padding columns hold large garbage: the loss must not see them.
+    padded_full = torch.cat([logits_full, torch.full((3, 6, padded - vocab), 50.0)], -1)
+    target = torch.randint(0, vocab, (3, 6), generator=torch.Generator().manual_seed(11))
+    local = padded_full.chunk(tp, -1)[tp_rank].clone().requires_grad_()
+    ref_in = logits_full.clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, tp_group, tp_rank * (padded // tp), vocab)
+    loss_ref = F.cross_entropy(ref_in.reshape(-1, vocab), target.reshape(-1), reduction="none").reshape(3, 6)
+    weights = _same_on_all_ranks(3, 6, seed=12)
+    (loss * weights).sum().backward()
+    (loss_ref * weights).sum().backward()
+    ref_grad = torch.cat([ref_in.grad, torch.zeros(3, 6, padded - vocab)], -1).chunk(tp, -1)[tp_rank]
+    return {"out": _rel(loss, loss_ref), "dlogits": _rel(local.grad, ref_grad)}
+
+
+def _check_gather_scatter(tp_group):
+    tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    x = (_same_on_all_ranks(2, 3, 4 * tp, seed=13).chunk(tp, -1)[tp_rank]).clone().requires_grad_()
+    y = gather_from_tp_region(x, tp_group)
+    full = _same_on_all_ranks(2, 3, 4 * tp, seed=13)
+    proj = _same_on_all_ranks(2, 3, 4 * tp, seed=14)
+    (y * proj).sum().backward()
+    return {"out": _rel(y, full), "dx": _rel(x.grad, proj.chunk(tp, -1)[tp_rank])}
+
+
+def _check_gpt(tp_group, single_group):
+    """The whole GPT at tp vs the same GPT at tp=1 (layout-invariant init), loss and every grad."""
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=300, make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0)
+    cpu = torch.device("cpu")
+    model = GPTModel(cfg, tp_group=tp_group, rng=RNGStreams(1, dist.get_rank(tp_group), 0, cpu))
+    ref = GPTModel(cfg, tp_group=single_group, rng=RNGStreams(1, 0, 0, cpu))
+    initialize_parameters(model, seed=21)
+    initialize_parameters(ref, seed=21)
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(22))
+    labels = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(23))
+    loss, loss_ref = model(tokens, labels), ref(tokens, labels)
+    loss.mean().backward()
+    loss_ref.mean().backward()
+    errs = {"out": _rel(loss, loss_ref)}
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        rp = ref_params[name]
+        spec = get_shard_spec(p)
+        full_grad = rp.grad
+        if spec.tp_dim is not None and spec.global_shape != tuple(rp.shape):  # padded vocab differs by tp
+            pad = list(spec.global_shape)
+            pad[spec.tp_dim] -= cfg.vocab_size
+            full_grad = torch.cat([full_grad[: cfg.vocab_size], torch.zeros(pad)], spec.tp_dim)
+        errs[f"d{name}"] = _rel(p.grad, spec.local_slice(full_grad))
+    return errs
+
+
+def _all_checks(rank, world_size):
+    singles = [dist.new_group([r]) for r in range(world_size)]
+    results = {}
+    for tp in (2, 4):
+        topo = Topology.build(GridShape(world_size, tp=tp), rank)
+        g = topo.tp_group
+        for gather in (False, True):
+            results[(tp, f"column gather_output={gather}")] = _check_column(g, gather)
+        for parallel_in in (True, False):
+            results[(tp, f"row input_is_parallel={parallel_in}")] = _check_row(g, parallel_in)
+        results[(tp, "vocab embedding")] = _check_embedding(g)
+        results[(tp, "vocab cross-entropy")] = _check_cross_entropy(g)
+        results[(tp, "gather/scatter")] = _check_gather_scatter(g)
+        results[(tp, "gpt model")] = _check_gpt(g, singles[rank])
+    return results
+
+
+@pytest.fixture(scope="module")
+def tp_results():
+    return run_distributed(_all_checks, 4)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("component", [
+    "column gather_output=False", "column gather_output=True", "row input_is_parallel=True",
+    "row input_is_parallel=False", "vocab embedding", "vocab cross-entropy", "gather/scatter", "gpt model",
+])
+def test_component_matches_unsharded(tp_results, tp, component):
+    for rank, per_rank in enumerate(tp_results):
+        for what, err in per_rank[(tp, component)].items():
+            assert err <= RTOL, f"rank {rank} tp={tp} {component}: {what} rel err {err:.2e}"
