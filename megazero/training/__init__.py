@@ -1,1 +1,1 @@
-
+"""Training: the trainer (composition + train step) and data resolution."""

@@ -1,0 +1,128 @@
+"""Megatron-LM-style command-line flags -> RunConfig.
+
+Every flag names its config field as `dest="section.field"`; unset flags are absent from the parsed
+namespace (argparse.SUPPRESS), so the dataclass defaults in config.py are the only defaults.
+Flags for features whose issues are not built yet are accepted by name and refused with a clear
+message at validation, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+
+from megazero.config import RunConfig
+from megazero.errors import ConfigError
+
+
+class _OneRankParser(argparse.ArgumentParser):
+    """argparse whose usage errors are printed by rank 0 only (every rank still exits 2)."""
+
+    def __init__(self, *args, rank: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rank = rank
+
+    def error(self, message: str):
+        if self._rank == 0:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def build_parser(rank: int = 0) -> argparse.ArgumentParser:
+    p = _OneRankParser(
+        prog="pretrain_gpt.py", rank=rank, argument_default=argparse.SUPPRESS,
+        description="Pretrain a GPT with tensor and data parallelism (Megatron-LM flag names).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", "--tp", dest="parallel.tensor_model_parallel_size", type=int,
+                   help="tensor-parallel size (default 1)")
+    g.add_argument("--pipeline-model-parallel-size", "--pp", dest="parallel.pipeline_model_parallel_size",
+                   type=int, help="pipeline-parallel size (default 1)")
+    g.add_argument("--zero-stage", dest="parallel.zero_stage", type=int, help="ZeRO stage (default 0)")
+    g.add_argument("--distributed-backend", dest="parallel.distributed_backend", choices=["nccl", "gloo"],
+                   help="default: nccl when CUDA is available, else gloo")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", dest="model.num_layers", type=int, help="default 4")
+    g.add_argument("--hidden-size", dest="model.hidden_size", type=int, help="default 256")
+    g.add_argument("--num-attention-heads", dest="model.num_attention_heads", type=int, help="default 4")
+    g.add_argument("--ffn-hidden-size", dest="model.ffn_hidden_size", type=int, help="default 4 x hidden")
+    g.add_argument("--seq-length", dest="model.seq_length", type=int, help="default 128")
+    g.add_argument("--max-position-embeddings", dest="model.max_position_embeddings", type=int,
+                   help="default: seq length")
+    g.add_argument("--make-vocab-size-divisible-by", dest="model.make_vocab_size_divisible_by", type=int,
+                   help="pad the vocab to a multiple of this x tp (default 128)")
+    g.add_argument("--hidden-dropout", dest="model.hidden_dropout", type=float, help="default 0.1")
+    g.add_argument("--attention-dropout", dest="model.attention_dropout", type=float, help="default 0.1")
+    g.add_argument("--init-method-std", dest="model.init_method_std", type=float, help="default 0.02")
+    g.add_argument("--layernorm-epsilon", dest="model.layernorm_epsilon", type=float, help="default 1e-5")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", dest="training.micro_batch_size", type=int, help="default 8")
+    g.add_argument("--global-batch-size", dest="training.global_batch_size", type=int,
+                   help="default: micro batch x data-parallel size (no accumulation)")
+    g.add_argument("--train-iters", dest="training.train_iters", type=int, help="default 300")
+    g.add_argument("--seed", dest="training.seed", type=int, help="default 1234")
+    g.add_argument("--log-interval", dest="training.log_interval", type=int, help="default 10")
+    g.add_argument("--eval-interval", dest="training.eval_interval", type=int, help="default 100")
+    g.add_argument("--eval-iters", dest="training.eval_iters", type=int, help="default 10")
+    g.add_argument("--deterministic", dest="training.deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True)")
+
+    g = p.add_argument_group("optimizer (AdamW)")
+    g.add_argument("--lr", dest="optimizer.lr", type=float, help="peak learning rate (default 6e-4)")
+    g.add_argument("--min-lr", dest="optimizer.min_lr", type=float, help="default 6e-5")
+    g.add_argument("--weight-decay", dest="optimizer.weight_decay", type=float, help="default 0.1")
+    g.add_argument("--adam-beta1", dest="optimizer.adam_beta1", type=float, help="default 0.9")
+    g.add_argument("--adam-beta2", dest="optimizer.adam_beta2", type=float, help="default 0.95")
+    g.add_argument("--adam-eps", dest="optimizer.adam_eps", type=float, help="default 1e-8")
+    g.add_argument("--clip-grad", dest="optimizer.clip_grad", type=float, help="global grad-norm clip (default 1.0; 0 = off)")
+    g.add_argument("--lr-warmup-iters", dest="optimizer.lr_warmup_iters", type=int, help="default 20")
+    g.add_argument("--lr-decay-iters", dest="optimizer.lr_decay_iters", type=int, help="default: train iters")
+    g.add_argument("--lr-decay-style", dest="optimizer.lr_decay_style", choices=["cosine", "linear", "constant"],
+                   help="default cosine")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", dest="data.data_path",
+                   help="prefix of a .bin/.idx dataset from tools/preprocess_data.py (default: stdlib corpus)")
+    g.add_argument("--tokenizer-model", dest="data.tokenizer_model", help="sentencepiece model of --data-path")
+    g.add_argument("--split", dest="data.split", help="train,valid,test weights (default 969,30,1)")
+    g.add_argument("--vocab-size", dest="data.default_vocab_size", type=int,
+                   help="tokenizer vocab for the default corpus (default 4096)")
+    g.add_argument("--data-cache-dir", dest="data.cache_dir",
+                   help="where the default corpus is cached (default $MEGAZERO_CACHE or ~/.cache/megazero)")
+    g.add_argument("--num-workers", dest="data.num_workers", type=int, help="data-loader workers (default 0)")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--output-dir", dest="logging.output_dir", help="run directory (default output/run-<time>)")
+    g.add_argument("--tensorboard-dir", dest="logging.tensorboard_dir", help="default <output-dir>/tensorboard")
+    g.add_argument("--no-tensorboard", dest="logging.no_tensorboard", action="store_true")
+
+    g = p.add_argument_group("not built yet (refused with a message)")
+    g.add_argument("--bf16", dest="_unbuilt.bf16", action="store_true")
+    g.add_argument("--fp16", dest="_unbuilt.fp16", action="store_true")
+    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="_unbuilt.deepspeed_config")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", "--vp", dest="_unbuilt.virtual_pipeline", type=int)
+    return p
+
+
+_UNBUILT = {
+    "bf16": "--bf16: mixed precision arrives with the ZeRO / mixed-precision issue; train in fp32 for now",
+    "fp16": "--fp16: mixed precision arrives with the ZeRO / mixed-precision issue; train in fp32 for now",
+    "deepspeed_config": "--deepspeed-config: ds_config.json support arrives with the ZeRO issue; use CLI flags",
+    "virtual_pipeline": "--num-layers-per-virtual-pipeline-stage: arrives with the pipeline-parallel issue",
+}
+
+
+def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
+    ns = vars(build_parser(rank).parse_args(argv))
+    sections: dict[str, dict] = defaultdict(dict)
+    for dest, value in ns.items():
+        section, name = dest.split(".", 1)
+        if section == "_unbuilt":
+            raise ConfigError(_UNBUILT[name])
+        sections[section][name] = value
+    return RunConfig().replace(**sections)

@@ -1,0 +1,82 @@
+"""Pretrain a GPT: parse config -> validate -> init distributed -> build -> train.
+
+    python pretrain_gpt.py                                  # one process, default data
+    torchrun --nproc-per-node 4 pretrain_gpt.py --tp 2      # 2-way tensor x 2-way data parallel
+
+Flags follow Megatron-LM (`python pretrain_gpt.py --help`). Bad input ends with one line on stderr
+(printed by rank 0) and exit code 2, before any process group or file is created.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, "") and str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without install
+
+from megazero.cli import parse_args  # noqa: E402
+from megazero.config import RunConfig  # noqa: E402
+from megazero.distributed import (LaunchEnv, RankPrinter, device_for, fail, init_process_group,  # noqa: E402
+                                  resolve_backend, teardown)
+from megazero.errors import ConfigError  # noqa: E402
+
+
+def make_run_dir(cfg: RunConfig) -> Path:
+    if cfg.logging.output_dir:
+        run_dir = Path(cfg.logging.output_dir)
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("output") / f"run-{stamp}"
+        n = 1
+        while run_dir.exists():  # never reuse another run's folder
+            run_dir, n = Path("output") / f"run-{stamp}-{n}", n + 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> dict:
+    env = LaunchEnv.from_environ()
+    log = RankPrinter(env.rank)
+    try:
+        cfg = parse_args(argv, rank=env.rank)
+        cfg.validate(env.world_size)
+        backend = resolve_backend(cfg.parallel.distributed_backend)
+        from megazero.training.data_setup import resolve_data  # heavy imports after cheap validation
+
+        data = resolve_data(cfg, log)
+        cfg = cfg.replace(model={"vocab_size": data.vocab_size},
+                          data={"data_path": str(data.prefix), "tokenizer_model": str(data.tokenizer_model)})
+    except ConfigError as err:
+        fail(str(err), env.rank)
+
+    import torch
+
+    from megazero.topology import GridShape, Topology
+    from megazero.training.trainer import Trainer
+
+    init_process_group(env, backend)
+    try:
+        topo = Topology.build(GridShape(env.world_size, cfg.parallel.tensor_model_parallel_size,
+                                        cfg.parallel.pipeline_model_parallel_size), env.rank)
+        device = device_for(backend, env.local_rank)
+        log(f"megazero: {env.world_size} process(es), backend {backend}, device {device.type}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) per process")
+        log(f"data: {data.description}")
+        writer = env.rank == env.world_size - 1
+        run_dir = make_run_dir(cfg) if writer else None
+        if run_dir is not None:
+            (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+            print(f"run directory: {run_dir.resolve()}", flush=True)
+        trainer = Trainer(cfg, topo, data, device, run_dir, log)
+        trainer.train()
+        return getattr(trainer, "summary", {})
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    main()
