@@ -21,3 +21,22 @@ def corpus_dir() -> Path:
     if not CORPUS_DIR.is_dir():
         pytest.skip(f"shared corpus not found at {CORPUS_DIR}")
     return CORPUS_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(corpus_dir, tmp_path_factory):
+    """(prefix, tokenizer_model) of a small dataset: ~300 KB of each corpus file, vocab 512."""
+    from megazero.data import Tokenizer, iter_documents, train_tokenizer, write_dataset
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    sources = []
+    for name in ("austen.txt", "shakespeare.txt"):
+        text = (corpus_dir / name).read_text(encoding="utf-8")[:300_000]
+        path = root / name
+        path.write_text(text, encoding="utf-8")
+        sources.append(path)
+    model = train_tokenizer(sources, root / "tok.model", vocab_size=512)
+    tokenizer = Tokenizer(model)
+    docs = (doc for src in sources for doc in iter_documents(src))
+    write_dataset(docs, tokenizer, root / "tiny")
+    return root / "tiny", model
