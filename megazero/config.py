@@ -203,7 +203,7 @@ class RunConfig:
                 f = prefix.with_name(prefix.name + suffix)
                 if not f.is_file():
                     raise ConfigError(
-                        f"--data-path {d.data_path}: {f} not found; pass the prefix written by "
+                        f"--data-path {d.data_path}: {f} not found or not a file; pass the prefix written by "
                         f"tools/preprocess_data.py --output-prefix (without .bin/.idx)"
                     )
             if d.tokenizer_model is None:

@@ -1,0 +1,142 @@
+"""Bad input: each case ends with one line naming the problem and the fix, exit code 2, before any
+training and without creating or changing files. Most cases call pretrain_gpt.main() in-process
+(validation happens before any process group); one case launches 3 real processes to show the line
+is printed once, not once per rank."""
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pretrain_gpt
+from megazero.data import Tokenizer, iter_documents, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_main(argv, capsys, monkeypatch, world_size=1):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exc:
+        pretrain_gpt.main(argv)
+    err = capsys.readouterr().err.strip()
+    return exc.value.code, err
+
+
+@pytest.fixture
+def data_copy(tiny_dataset, tmp_path):
+    """A private copy of the tiny dataset that a test may corrupt."""
+    prefix, model = tiny_dataset
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{prefix}{suffix}", tmp_path / f"d{suffix}")
+    return tmp_path / "d", model
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    yield
+    assert not (tmp_path / "output").exists(), "a failed start must not create a run directory"
+
+
+def _tiny(prefix_model):
+    prefix, model = prefix_model
+    return ["--data-path", str(prefix), "--tokenizer-model", str(model)]
+
+
+CASES = [
+    # (argv, world_size, substrings the one-line message must contain)
+    (["--tp", "2"], 3, ["world size 3 is not divisible by tensor-parallel size 2", "launch a multiple of 2"]),
+    (["--tp", "4", "--num-attention-heads", "6", "--hidden-size", "96"], 4,
+     ["--num-attention-heads 6 is not divisible by tensor-parallel size 4"]),
+    (["--hidden-size", "100", "--num-attention-heads", "8"], 1,
+     ["--hidden-size 100 is not divisible by --num-attention-heads 8"]),
+    (["--tp", "2", "--ffn-hidden-size", "101"], 2, ["--ffn-hidden-size 101 is not divisible by tensor-parallel size 2"]),
+    (["--make-vocab-size-divisible-by", "0"], 1, ["--make-vocab-size-divisible-by must be >= 1"]),
+    (["--micro-batch-size", "4", "--global-batch-size", "10"], 2,
+     ["--global-batch-size 10 is not divisible by --micro-batch-size 4 x data-parallel size 2 = 8"]),
+    (["--seq-length", "256", "--max-position-embeddings", "128"], 1,
+     ["--seq-length 256 exceeds --max-position-embeddings 128"]),
+    (["--pp", "2"], 2, ["pipeline parallelism is not built yet"]),
+    (["--zero-stage", "1"], 1, ["ZeRO sharding is not built yet"]),
+    (["--bf16"], 1, ["mixed precision arrives with"]),
+    (["--data-path", "nowhere/data", "--tokenizer-model", __file__], 1, ["nowhere/data.bin not found"]),
+]
+
+
+@pytest.mark.parametrize("argv,world_size,needles", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
+def test_config_errors(argv, world_size, needles, capsys, monkeypatch):
+    code, err = run_main(argv, capsys, monkeypatch, world_size)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err
+
+
+def test_unreadable_data_path(data_copy, capsys, monkeypatch):
+    prefix, model = data_copy
+    os.remove(f"{prefix}.idx")
+    os.mkdir(f"{prefix}.idx")  # a directory where the index file should be
+    code, err = run_main(_tiny(data_copy), capsys, monkeypatch)
+    assert code == 2 and len(err.splitlines()) == 1 and "d.idx not found or not a file" in err
+
+
+@pytest.mark.parametrize("corruption,needle", [
+    ("magic", "bad magic"),
+    ("version", "index format version 7"),
+    ("bin-size", "do not belong together"),
+    ("truncated-idx", "truncated index"),
+])
+def test_bad_idx_is_rejected_and_left_alone(data_copy, corruption, needle, capsys, monkeypatch):
+    prefix, _ = data_copy
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    raw = bytearray(idx.read_bytes())
+    if corruption == "magic":
+        raw[:8] = b"NOTMAGIC"
+    elif corruption == "version":
+        raw[8:16] = struct.pack("<Q", 7)
+    elif corruption == "truncated-idx":
+        raw = raw[: len(raw) - 8]
+    idx.write_bytes(bytes(raw))
+    if corruption == "bin-size":
+        with open(bin_, "ab") as f:
+            f.write(b"\x00\x00")
+    before = {p: p.read_bytes() for p in (idx, bin_)}
+    code, err = run_main(_tiny(data_copy), capsys, monkeypatch)
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert str(idx if corruption != "bin-size" else bin_) in err  # names the file
+    assert {p: p.read_bytes() for p in (idx, bin_)} == before  # nothing on disk changed
+
+
+def test_tokenizer_vocab_mismatch(data_copy, corpus_dir, tmp_path, capsys, monkeypatch):
+    prefix, _ = data_copy
+    text = tmp_path / "small.txt"
+    text.write_text((corpus_dir / "austen.txt").read_text()[:50_000])
+    other = train_tokenizer([text], tmp_path / "other.model", vocab_size=400)
+    assert Tokenizer(other).vocab_size == 400
+    code, err = run_main(["--data-path", str(prefix), "--tokenizer-model", str(other)], capsys, monkeypatch)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "vocab size 400" in err and "vocab size 512" in err and "--tokenizer-model" in err
+
+
+def test_unknown_flag_is_argparse_error(capsys, monkeypatch):
+    code, err = run_main(["--hiden-size", "64"], capsys, monkeypatch)
+    assert code == 2 and "unrecognized arguments: --hiden-size" in err
+
+
+def test_error_is_printed_once_across_ranks(tmp_path):
+    """3 real processes with a bad layout: rank 0 prints the line, ranks 1-2 print nothing, all exit 2."""
+    procs = []
+    for rank in range(3):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "pretrain_gpt.py"), "--tp", "2"], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2, 2]
+    assert outputs[0][1].strip().startswith("error: world size 3 is not divisible")
+    assert len(outputs[0][1].strip().splitlines()) == 1
+    assert all(out == ("", "") for out in outputs[1:]), outputs[1:]
