@@ -24,6 +24,7 @@ from megazero.data import build_data_iterator, build_train_valid_test_datasets
 from megazero.model import GPTModel
 from megazero.monitor import TrainingMonitor
 from megazero.optim import LRSchedule, build_adamw, clip_grads_, global_grad_norm
+from megazero.optim.clip_grad import counts_toward_norm
 from megazero.pipeline_parallel.schedules import Microbatch, forward_backward_no_pipelining
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.init import initialize_parameters
@@ -74,12 +75,10 @@ class Trainer:
         self.consumed_samples = 0
         self.iteration = 0
 
-        n_params = sum(p.numel() for p in self.params)
-        total = torch.tensor(float(n_params))
-        comm.all_reduce_(total, topo.model_group)  # distinct slices: sum over tp x pp
-        replicated = sum(p.numel() for p in self.params if not getattr(p, "megazero_shard", None)
-                         or not p.megazero_shard.is_tp_sharded) * (topo.tp - 1)
-        self.num_parameters = int(total.item()) - replicated
+        # Whole-model parameter count: each distinct slice once (replicated params on TP rank 0 only).
+        count = torch.tensor(float(sum(p.numel() for p in self.params if counts_toward_norm(p, topo.tp_rank))))
+        comm.all_reduce_(count, topo.model_group)
+        self.num_parameters = int(count.item())
         self.log(f"model: {self.num_parameters:,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
                  f"{m.num_attention_heads} heads, seq {m.seq_length}, vocab {m.vocab_size} padded to "
                  f"{m.padded_vocab_size(topo.tp)}); {topo.tp}-way tensor x {topo.dp}-way data parallel; "
@@ -144,31 +143,29 @@ class Trainer:
         batches = self._batches("train", self.consumed_samples)
         tokens_per_iter = self.global_batch * self.cfg.model.seq_length
         interval_start, interval_iters = time.perf_counter(), 0
-        last_eval_iter = -1
         while self.iteration < t.train_iters:
             record = self.train_step(batches)
             history.append(record)
             interval_iters += 1
-            if record.iteration % t.log_interval == 0 or record.iteration == t.train_iters:
+            last = record.iteration == t.train_iters
+            if record.iteration % t.log_interval == 0 or last:
                 elapsed = time.perf_counter() - interval_start
-                ms_per_iter = 1000.0 * elapsed / interval_iters
                 self.monitor.log_train(
                     record.iteration, consumed_samples=record.consumed_samples, lm_loss=record.lm_loss,
                     lr=record.lr, grad_norm=record.grad_norm, batch_size=self.global_batch,
-                    iteration_time_ms=ms_per_iter, tokens_per_sec=tokens_per_iter * interval_iters / elapsed)
+                    iteration_time_ms=1000.0 * elapsed / interval_iters,
+                    tokens_per_sec=tokens_per_iter * interval_iters / elapsed)
                 if not math.isfinite(record.lm_loss):
                     raise FloatingPointError(f"loss is {record.lm_loss} at iteration {record.iteration}")
-            if record.iteration % t.eval_interval == 0 or record.iteration == t.train_iters:
+            if record.iteration % t.eval_interval == 0 or last:
                 valid = self.evaluate("valid")
                 if valid is not None:
                     self.monitor.log_eval(record.iteration, lm_loss=valid)
-                last_eval_iter = record.iteration
-                interval_start, interval_iters = time.perf_counter(), 0  # exclude eval time from throughput
-            elif interval_iters and record.iteration % t.log_interval == 0:
+            if record.iteration % t.log_interval == 0 or record.iteration % t.eval_interval == 0:
+                # throughput intervals start after logging / evaluation, so they measure training only
                 interval_start, interval_iters = time.perf_counter(), 0
         test = self.evaluate("test")
         self.summary = self.monitor.close({"test_lm_loss": test, "num_parameters": self.num_parameters,
                                            "world_size": self.topo.world_size, "tp": self.topo.tp,
                                            "dp": self.topo.dp, "pp": self.topo.pp})
-        del last_eval_iter
         return history

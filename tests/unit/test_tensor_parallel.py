@@ -176,6 +176,33 @@ def _check_gpt(tp_group, single_group):
     return errs
 
 
+def _check_rng_streams(tp_group, single_group):
+    """Dropout is identical where activations are replicated and distinct where they are sharded:
+    the tensor-parallel stream differs per TP rank, the ambient stream does not, and a GPT with
+    dropout on still produces the same (replicated) loss on every TP rank."""
+    tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    rng = RNGStreams(5, tp_rank, 0, torch.device("cpu"))
+    ambient = torch.rand(8)
+    with rng.fork("tensor-parallel"):
+        sharded = torch.rand(8)
+    ambient_after = torch.rand(8)  # the fork restored the ambient stream: it continues, unaffected
+    RNGStreams(5, tp_rank, 0, torch.device("cpu"))  # re-seeds the ambient stream from its start
+    expected = torch.rand(16)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=300,
+                      make_vocab_size_divisible_by=64, hidden_dropout=0.2, attention_dropout=0.2)
+    model = GPTModel(cfg, tp_group=tp_group, rng=RNGStreams(1, tp_rank, 0, torch.device("cpu")))
+    initialize_parameters(model, seed=21)
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(22))
+    loss = model(tokens, tokens).detach()
+    out = {}
+    for name, t in (("ambient", ambient), ("sharded", sharded), ("loss", loss)):
+        parts = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(parts, t, group=tp_group)
+        out[name] = all(torch.equal(parts[0], q) for q in parts[1:])
+    out["ambient continues"] = torch.equal(torch.cat([ambient, ambient_after]), expected)
+    return out
+
+
 def _all_checks(rank, world_size):
     singles = [dist.new_group([r]) for r in range(world_size)]
     results = {}
@@ -190,12 +217,23 @@ def _all_checks(rank, world_size):
         results[(tp, "vocab cross-entropy")] = _check_cross_entropy(g)
         results[(tp, "gather/scatter")] = _check_gather_scatter(g)
         results[(tp, "gpt model")] = _check_gpt(g, singles[rank])
+        results[(tp, "rng streams")] = _check_rng_streams(g, singles[rank])
     return results
 
 
 @pytest.fixture(scope="module")
 def tp_results():
     return run_distributed(_all_checks, 4)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_dropout_streams_replicated_vs_sharded(tp_results, tp):
+    for per_rank in tp_results:
+        got = per_rank[(tp, "rng streams")]
+        assert got["ambient"], "replicated-region dropout stream must match across TP ranks"
+        assert not got["sharded"], "sharded-region dropout stream must differ across TP ranks"
+        assert got["loss"], "with dropout on, every TP rank must still compute the same loss"
+        assert got["ambient continues"], "a fork must not disturb the ambient stream"
 
 
 @pytest.mark.parametrize("tp", [2, 4])
