@@ -19,6 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     if not CORPUS_DIR.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared corpus not found at {CORPUS_DIR}; CI must run with shared/ beside the checkout")
         pytest.skip(f"shared corpus not found at {CORPUS_DIR}")
     return CORPUS_DIR
 
