@@ -25,7 +25,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "transformers"],
     },
     entry_points={
         "console_scripts": [

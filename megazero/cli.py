@@ -41,6 +41,14 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                    help="tensor-parallel size (default 1)")
     g.add_argument("--pipeline-model-parallel-size", "--pp", dest="parallel.pipeline_model_parallel_size",
                    type=int, help="pipeline-parallel size (default 1)")
+    g.add_argument("--virtual-pipeline-model-parallel-size", "--vp", dest="parallel.virtual_pipeline_model_parallel_size",
+                   type=int, help="model chunks per pipeline stage: interleaved 1F1B when > 1 (default 1)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", dest="parallel.num_layers_per_virtual_pipeline_stage",
+                   type=int, help="Megatron's way to ask for interleaving: layers per model chunk")
+    g.add_argument("--decoder-first-pipeline-num-layers", dest="parallel.decoder_first_pipeline_num_layers",
+                   type=int, help="layers on the first (virtual) pipeline stage (default: even split)")
+    g.add_argument("--decoder-last-pipeline-num-layers", dest="parallel.decoder_last_pipeline_num_layers",
+                   type=int, help="layers on the last (virtual) pipeline stage (default: even split)")
     g.add_argument("--zero-stage", dest="parallel.zero_stage", type=int, help="ZeRO stage (default 0)")
     g.add_argument("--distributed-backend", dest="parallel.distributed_backend", choices=["nccl", "gloo"],
                    help="default: nccl when CUDA is available, else gloo")
@@ -100,12 +108,14 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--output-dir", dest="logging.output_dir", help="run directory (default output/run-<time>)")
     g.add_argument("--tensorboard-dir", dest="logging.tensorboard_dir", help="default <output-dir>/tensorboard")
     g.add_argument("--no-tensorboard", dest="logging.no_tensorboard", action="store_true")
+    g.add_argument("--timeline-out", dest="logging.timeline_out",
+                   help="record the last training step's per-rank pipeline timeline to this JSON file "
+                        "(draw it with tools/plot_schedule.py --timeline FILE)")
 
     g = p.add_argument_group("not built yet (refused with a message)")
     g.add_argument("--bf16", dest="_unbuilt.bf16", action="store_true")
     g.add_argument("--fp16", dest="_unbuilt.fp16", action="store_true")
     g.add_argument("--deepspeed-config", "--deepspeed_config", dest="_unbuilt.deepspeed_config")
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", "--vp", dest="_unbuilt.virtual_pipeline", type=int)
     return p
 
 
@@ -113,7 +123,6 @@ _UNBUILT = {
     "bf16": "--bf16: mixed precision arrives with the ZeRO / mixed-precision issue; train in fp32 for now",
     "fp16": "--fp16: mixed precision arrives with the ZeRO / mixed-precision issue; train in fp32 for now",
     "deepspeed_config": "--deepspeed-config: ds_config.json support arrives with the ZeRO issue; use CLI flags",
-    "virtual_pipeline": "--num-layers-per-virtual-pipeline-stage: arrives with the pipeline-parallel issue",
 }
 
 

@@ -80,5 +80,12 @@ def new_group(ranks: list[int], backend: str | None = None) -> ProcessGroup:
     return dist.new_group(ranks=ranks, backend=backend)
 
 
+def all_gather_object(obj, group: ProcessGroup) -> list:
+    """Every rank's picklable `obj`, in group-rank order (small metadata only: it pickles)."""
+    out = [None] * group_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def batch_isend_irecv(ops: list[dist.P2POp]) -> list:
     return dist.batch_isend_irecv(ops) if ops else []

@@ -56,6 +56,11 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     zero_stage: int = 0
     distributed_backend: str | None = None  # None: nccl with CUDA, else gloo
+    # Interleaved pipeline: give either the chunk count per stage (vp) or Megatron's layers per chunk.
+    virtual_pipeline_model_parallel_size: int | None = None
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class LoggingConfig:
     output_dir: str | None = None  # default output/run-<timestamp>
     tensorboard_dir: str | None = None  # default <output_dir>/tensorboard
     no_tensorboard: bool = False
+    timeline_out: str | None = None  # JSON of the last training step's pipeline timeline
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,21 @@ class RunConfig:
     def global_batch_size(self, world_size: int) -> int:
         return self.training.global_batch_size or self.training.micro_batch_size * self.data_parallel_size(world_size)
 
+    def virtual_pipeline_size(self, num_layers: int | None = None) -> int:
+        p = self.parallel
+        if p.num_layers_per_virtual_pipeline_stage:
+            return (num_layers or self.model.num_layers) // (
+                p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
+        return p.virtual_pipeline_model_parallel_size or 1
+
+    def layers_per_virtual_stage(self) -> list[int]:
+        from megazero.pipeline_parallel.partition import layers_per_virtual_stage
+
+        p = self.parallel
+        return layers_per_virtual_stage(self.model.num_layers, p.pipeline_model_parallel_size,
+                                        self.virtual_pipeline_size(), p.decoder_first_pipeline_num_layers,
+                                        p.decoder_last_pipeline_num_layers)
+
     def num_microbatches(self, world_size: int) -> int:
         return self.global_batch_size(world_size) // (self.training.micro_batch_size * self.data_parallel_size(world_size))
 
@@ -139,11 +160,6 @@ class RunConfig:
         m, p, o, t = self.model, self.parallel, self.optimizer, self.training
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         GridShape(world_size=world_size, tp=tp, pp=pp)  # world divisible by tp x pp
-        if pp != 1:
-            raise ConfigError(
-                f"--pipeline-model-parallel-size {pp}: pipeline parallelism is not built yet (issue 'Pipeline "
-                f"parallelism'); use --pp 1"
-            )
         if p.zero_stage != 0:
             raise ConfigError(
                 f"--zero-stage {p.zero_stage}: ZeRO sharding is not built yet (issue 'ZeRO stages 1, 2 and 3'); "
@@ -180,6 +196,7 @@ class RunConfig:
                 f"--global-batch-size {gbs} is not divisible by --micro-batch-size {t.micro_batch_size} x "
                 f"data-parallel size {dp} = {t.micro_batch_size * dp}; use a multiple of {t.micro_batch_size * dp}"
             )
+        self._validate_pipeline(world_size)
         if t.train_iters < 1:
             raise ConfigError(f"--train-iters must be >= 1, got {t.train_iters}")
         for name in ("log_interval", "eval_interval"):
@@ -194,6 +211,24 @@ class RunConfig:
         if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:
             raise ConfigError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
         self._validate_data_paths()
+
+    def _validate_pipeline(self, world_size: int) -> None:
+        from megazero.pipeline_parallel.schedules import validate_schedule
+
+        p, m = self.parallel, self.model
+        pp = p.pipeline_model_parallel_size
+        if p.virtual_pipeline_model_parallel_size and p.num_layers_per_virtual_pipeline_stage:
+            raise ConfigError("give either --virtual-pipeline-model-parallel-size (--vp) or "
+                              "--num-layers-per-virtual-pipeline-stage, not both")
+        if p.num_layers_per_virtual_pipeline_stage is not None:
+            n = p.num_layers_per_virtual_pipeline_stage
+            if n < 1 or m.num_layers % (pp * n):
+                raise ConfigError(f"--num-layers {m.num_layers} is not divisible by --pp {pp} x "
+                                  f"--num-layers-per-virtual-pipeline-stage {n}")
+        if self.virtual_pipeline_size() < 1:
+            raise ConfigError(f"virtual pipeline size must be >= 1, got {self.virtual_pipeline_size()}")
+        self.layers_per_virtual_stage()  # layer partition errors
+        validate_schedule(pp, self.virtual_pipeline_size(), self.num_microbatches(world_size))
 
     def _validate_data_paths(self) -> None:
         d = self.data

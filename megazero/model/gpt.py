@@ -18,6 +18,7 @@ layers 4-7 has the same parameter names, initial values and checkpoint keys as a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -30,6 +31,7 @@ from megazero.model.norms import LayerNorm
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megazero.tensor_parallel.init import normal_init, set_init
+from megazero.tensor_parallel.sharding import get_shard_spec, set_shard_spec
 from megazero.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -115,11 +117,17 @@ class GPTModel(nn.Module):
         tp = comm.group_size(tp_group)
         layer_range = layer_range if layer_range is not None else range(cfg.num_layers)
 
-        # The word embedding exists on the first stage (input) and the last (tied output layer).
-        self.word_embeddings = VocabParallelEmbedding(
-            cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
-            init_method=normal_init(cfg.init_method_std), logical_vocab_size=cfg.vocab_size,
-            dtype=dtype, device=device)
+        # The word embedding exists on the first stage (input) and the last (tied output layer). On a
+        # last stage that is not also the first it is a copy: same name, so same initial values; its
+        # gradient is summed with the first stage's over the embedding group (trainer).
+        if pre_process or post_process:
+            self.word_embeddings = VocabParallelEmbedding(
+                cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
+                init_method=normal_init(cfg.init_method_std), logical_vocab_size=cfg.vocab_size,
+                dtype=dtype, device=device)
+            if not pre_process:
+                w = self.word_embeddings.weight
+                set_shard_spec(w, dataclasses.replace(get_shard_spec(w), tied_copy=True))
         if pre_process:
             self.position_embeddings = nn.Parameter(
                 torch.empty(cfg.max_positions, cfg.hidden_size, dtype=dtype, device=device))

@@ -6,8 +6,8 @@ Counting rule (from each parameter's ShardSpec, DESIGN.md principle 5):
   TP rank -> only TP rank 0 contributes.
 - DP: after the data-parallel reduction every DP replica holds the same gradient, so the sum is taken
   over the model-parallel group (tp x pp) only.
-(Tied embeddings across pipeline stages arrive with pipeline parallelism: the copy on the last stage
-will be excluded the same way.)
+- Tied word embedding across pipeline stages: the last stage's copy (ShardSpec.tied_copy) holds the
+  same summed gradient as the first stage's; only the first stage's counts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from megazero.tensor_parallel.sharding import get_shard_spec
 
 
 def counts_toward_norm(param: torch.Tensor, tp_rank: int) -> bool:
-    return get_shard_spec(param).is_tp_sharded or tp_rank == 0
+    spec = get_shard_spec(param)
+    return not spec.tied_copy and (spec.is_tp_sharded or tp_rank == 0)
 
 
 def global_grad_norm(params: Iterable[torch.Tensor], *, tp_rank: int, model_group) -> float:

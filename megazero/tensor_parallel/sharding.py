@@ -23,6 +23,9 @@ class ShardSpec:
     tp_rank: int = 0
     tp_size: int = 1
     logical_size: int | None = None  # size of tp_dim without padding (None = no padding)
+    # A copy of a parameter owned by another pipeline stage (the tied word embedding on the last
+    # stage): its gradient is summed with the owner's, and norms/checkpoints count only the owner.
+    tied_copy: bool = False
 
     @property
     def is_tp_sharded(self) -> bool:

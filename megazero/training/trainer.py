@@ -2,8 +2,9 @@
 
 The step, on one screen (DESIGN.md principle 8):
 
-    zero grads -> schedule (forward/backward over microbatches) -> finish gradient reduction (DP)
-    -> grad norm -> clip -> optimizer step -> lr step -> log
+    zero grads -> schedule (this rank's pipeline plan: forward/backward over microbatches)
+    -> finish gradient reduction (DP, then tied embeddings across first/last stage)
+    -> grad norm -> clip -> lr step -> optimizer step -> log
 
 `train()` returns the per-iteration history (loss, grad norm, lr) that layout-parity tests compare.
 """
@@ -25,7 +26,10 @@ from megazero.model import GPTModel
 from megazero.monitor import TrainingMonitor
 from megazero.optim import LRSchedule, build_adamw, clip_grads_, global_grad_norm
 from megazero.optim.clip_grad import counts_toward_norm
-from megazero.pipeline_parallel.schedules import Microbatch, forward_backward_no_pipelining
+from megazero.pipeline_parallel.executor import Microbatch, PipelineExecutor
+from megazero.pipeline_parallel.p2p import PipelineP2P
+from megazero.pipeline_parallel.partition import chunk_layer_ranges, virtual_stage
+from megazero.pipeline_parallel.schedules import build_plan
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.init import initialize_parameters
 from megazero.topology import Topology
@@ -42,9 +46,9 @@ class StepRecord:
     consumed_samples: int
 
 
-def lm_loss(model: torch.nn.Module, batch: Microbatch) -> torch.Tensor:
-    """Mean next-token loss of one microbatch (fp32 scalar)."""
-    return model(batch["tokens"], batch["labels"]).mean()
+def lm_loss(chunk: torch.nn.Module, inputs: torch.Tensor, batch: Microbatch) -> torch.Tensor:
+    """Mean next-token loss of one microbatch (fp32 scalar), on the last virtual pipeline stage."""
+    return chunk(inputs, batch["labels"]).mean()
 
 
 class Trainer:
@@ -58,11 +62,28 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         self.rng = RNGStreams(t.seed, topo.tp_rank, topo.pp_rank, device)
-        self.model = GPTModel(m, tp_group=topo.tp_group, rng=self.rng, device=device)
-        initialize_parameters(self.model, t.seed)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # This rank's model chunks (one per virtual stage it holds; one without interleaving).
+        self.vp = cfg.virtual_pipeline_size()
+        last_virtual = topo.pp * self.vp - 1
+        self.chunks = torch.nn.ModuleList()
+        for c, layers in enumerate(chunk_layer_ranges(topo.pp_rank, topo.pp, cfg.layers_per_virtual_stage())):
+            v = virtual_stage(topo.pp_rank, c, topo.pp)
+            chunk = GPTModel(m, tp_group=topo.tp_group, rng=self.rng, layer_range=layers, pre_process=v == 0,
+                             post_process=v == last_virtual, device=device)
+            initialize_parameters(chunk, t.seed)
+            self.chunks.append(chunk)
+        self.params = [p for p in self.chunks.parameters() if p.requires_grad]
         self.grads = GradBuffer(self.params, topo.dp_group)
-        self.optimizer = build_adamw(self.model, o)
+        self.optimizer = build_adamw(self.chunks, o)
+        # Word embedding on a pipeline's first and last stage: gradients summed over the embedding group.
+        self.tied_embeddings = [c.word_embeddings.weight for c in self.chunks
+                                if hasattr(c, "word_embeddings") and topo.pp > 1]
+        p2p = PipelineP2P(topo.pp_ranks, topo.pp_rank, topo.pp_group,
+                          (t.micro_batch_size, m.seq_length, m.hidden_size), torch.float32, device) \
+            if topo.pp > 1 else None
+        self.executor = PipelineExecutor(list(self.chunks), topo.pp_rank, topo.pp, p2p)
+        self.train_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches)
+        self.eval_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches, forward_only=True)
         self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or t.train_iters,
                                       o.lr_decay_style)
 
@@ -81,7 +102,8 @@ class Trainer:
         self.num_parameters = int(count.item())
         self.log(f"model: {self.num_parameters:,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
                  f"{m.num_attention_heads} heads, seq {m.seq_length}, vocab {m.vocab_size} padded to "
-                 f"{m.padded_vocab_size(topo.tp)}); {topo.tp}-way tensor x {topo.dp}-way data parallel; "
+                 f"{m.padded_vocab_size(topo.tp)}); {topo.tp}-way tensor x {topo.pp}-way pipeline"
+                 f"{f' (interleaved, {self.vp} chunks per stage)' if self.vp > 1 else ''} x {topo.dp}-way data parallel; "
                  f"global batch {self.global_batch} = micro {t.micro_batch_size} x {self.num_microbatches} "
                  f"accumulation x {topo.dp} dp")
         # The last rank holds the loss (last pipeline stage) and writes every monitoring file.
@@ -89,6 +111,7 @@ class Trainer:
             run_dir or Path("."), tensorboard_dir=self._tensorboard_dir(run_dir), config=cfg.to_dict(),
             enabled=run_dir is not None and topo.rank == topo.world_size - 1, total_iters=t.train_iters,
             log=print)
+        self.log_writer = print if topo.rank == topo.world_size - 1 else (lambda _: None)
 
     def _tensorboard_dir(self, run_dir: Path | None) -> Path | None:
         lc = self.cfg.logging
@@ -103,24 +126,32 @@ class Trainer:
         for batch in it:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _dp_mean(self, losses: list[torch.Tensor]) -> float:
-        mean = torch.stack(losses).mean().float().cpu()
+    def _next_microbatches(self, batches: Iterator[Microbatch]) -> list[Microbatch]:
+        return [next(batches) for _ in range(self.num_microbatches)]
+
+    def _batch_mean_loss(self, losses: list[torch.Tensor]) -> float:
+        """Mean loss of the global batch on every rank: the last stage holds the microbatch losses
+        (summed over the pipeline group so all stages get it), then averaged over DP."""
+        mean = torch.stack(losses).mean().float().cpu() if losses else torch.zeros(())
+        comm.all_reduce_(mean, self.topo.pp_group, op="sum")
         comm.all_reduce_(mean, self.topo.dp_group, op="avg")
         return mean.item()
 
     # ----- one step --------------------------------------------------------------------------------
     def train_step(self, batches: Iterator[Microbatch]) -> StepRecord:
-        self.model.train()
+        self.chunks.train()
         self.grads.zero()
-        losses = forward_backward_no_pipelining(self.model, batches, self.num_microbatches, lm_loss)
+        losses = self.executor.run(self.train_plan, self._next_microbatches(batches), lm_loss)
         self.grads.reduce_gradients()
+        for weight in self.tied_embeddings:
+            comm.all_reduce_(weight.grad, self.topo.embedding_group)
         grad_norm = global_grad_norm(self.params, tp_rank=self.topo.tp_rank, model_group=self.topo.model_group)
         clip_grads_(self.params, grad_norm, self.cfg.optimizer.clip_grad)
         self.iteration += 1
         lr = self.lr_schedule.apply(self.optimizer, self.iteration)
         self.optimizer.step()
         self.consumed_samples += self.global_batch
-        return StepRecord(self.iteration, self._dp_mean(losses), grad_norm, lr, self.consumed_samples)
+        return StepRecord(self.iteration, self._batch_mean_loss(losses), grad_norm, lr, self.consumed_samples)
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float | None:
@@ -128,13 +159,27 @@ class Trainer:
         successive evaluations are comparable."""
         if self.datasets[split] is None or self.cfg.training.eval_iters == 0:
             return None
-        self.model.eval()
+        self.chunks.eval()
         batches = self._batches(split, 0)
         losses: list[torch.Tensor] = []
         for _ in range(self.cfg.training.eval_iters):
-            losses += forward_backward_no_pipelining(self.model, batches, self.num_microbatches, lm_loss,
-                                                     forward_only=True)
-        return self._dp_mean(losses)
+            losses += self.executor.run(self.eval_plan, self._next_microbatches(batches), lm_loss, forward_only=True)
+        return self._batch_mean_loss(losses)
+
+    def _save_timeline(self, path: Path) -> None:
+        """Gather the last step's compute intervals from every stage of this pipeline; the writer
+        rank saves them in the format tools/plot_schedule.py --timeline draws."""
+        from megazero.pipeline_parallel.timeline import save_timeline
+
+        per_stage = comm.all_gather_object(self.executor.events, self.topo.pp_group)
+        if self.topo.rank != self.topo.world_size - 1:
+            return
+        origin = min((e["start"] for events in per_stage for e in events), default=0.0)
+        ranks = [{"pp_rank": r, "events": [dict(e, start=e["start"] - origin, end=e["end"] - origin) for e in events]}
+                 for r, events in enumerate(per_stage)]
+        save_timeline({"pp": self.topo.pp, "vp": self.vp, "num_microbatches": self.num_microbatches,
+                       "ranks": ranks}, path)
+        self.log_writer(f"pipeline timeline of iteration {self.iteration} written to {path}")
 
     # ----- the loop --------------------------------------------------------------------------------
     def train(self) -> list[StepRecord]:
@@ -143,7 +188,9 @@ class Trainer:
         batches = self._batches("train", self.consumed_samples)
         tokens_per_iter = self.global_batch * self.cfg.model.seq_length
         interval_start, interval_iters = time.perf_counter(), 0
+        timeline_out = self.cfg.logging.timeline_out
         while self.iteration < t.train_iters:
+            self.executor.record_timeline = bool(timeline_out) and self.iteration + 1 == t.train_iters
             record = self.train_step(batches)
             history.append(record)
             interval_iters += 1
@@ -164,6 +211,8 @@ class Trainer:
             if record.iteration % t.log_interval == 0 or record.iteration % t.eval_interval == 0:
                 # throughput intervals start after logging / evaluation, so they measure training only
                 interval_start, interval_iters = time.perf_counter(), 0
+        if timeline_out:
+            self._save_timeline(Path(timeline_out))
         test = self.evaluate("test")
         self.summary = self.monitor.close({"test_lm_loss": test, "num_parameters": self.num_parameters,
                                            "world_size": self.topo.world_size, "tp": self.topo.tp,
