@@ -71,7 +71,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", dest="training.micro_batch_size", type=int, help="default 8")
     g.add_argument("--global-batch-size", dest="training.global_batch_size", type=int,
-                   help="default: micro batch x data-parallel size (no accumulation)")
+                   help="default: micro batch x data-parallel size x pipeline size (one microbatch per stage)")
     g.add_argument("--train-iters", dest="training.train_iters", type=int, help="default 300")
     g.add_argument("--seed", dest="training.seed", type=int, help="default 1234")
     g.add_argument("--log-interval", dest="training.log_interval", type=int, help="default 10")

@@ -90,7 +90,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     micro_batch_size: int = 8
-    global_batch_size: int | None = None  # default micro x dp (no accumulation)
+    global_batch_size: int | None = None  # default micro x dp x pp (no accumulation without pipelining)
     train_iters: int = 300
     seed: int = 1234
     log_interval: int = 10
@@ -132,7 +132,11 @@ class RunConfig:
         return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
 
     def global_batch_size(self, world_size: int) -> int:
-        return self.training.global_batch_size or self.training.micro_batch_size * self.data_parallel_size(world_size)
+        """Explicit, or by default micro x dp x pp: one microbatch per pipeline stage, the fewest that
+        fill the pipeline (and a valid count for the interleaved schedule); micro x dp without pp."""
+        t = self.training
+        return t.global_batch_size or (
+            t.micro_batch_size * self.data_parallel_size(world_size) * self.parallel.pipeline_model_parallel_size)
 
     def virtual_pipeline_size(self, num_layers: int | None = None) -> int:
         p = self.parallel

@@ -90,13 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             given = [f"--{k.replace('_', '-')}" for k in ("pp", "vp", "microbatches", "forward_cost", "backward_cost")
                      if getattr(args, k) is not None]
             if given:
-                raise ConfigError(f"--timeline draws a recorded run; drop {' '.join(given)} (pp/vp/m come from the file)")
+                raise ConfigError(f"--timeline draws a recorded run; drop {' '.join(given)} "
+                                  f"(pp/vp/m come from the file)")
             timeline = load_timeline(args.timeline)
             pp, vp, m = timeline["pp"], timeline["vp"], timeline["num_microbatches"]
             out = Path(args.out or f"{Path(args.timeline).stem}.png")
             _check_out(out)
             what = f"recorded timeline {args.timeline}"
-            xlabel = "time (s)"
+            xlabel = "time from the first recorded event (s)"
         else:
             if args.pp is None or args.microbatches is None:
                 raise ConfigError("give --pp and --microbatches (and optionally --vp), or --timeline FILE")
@@ -123,21 +124,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = "1F1B" if vp == 1 else "interleaved 1F1B"
     ratios = measured_bubble(timeline)
     expected = theory(pp, vp, m)
+    source = "recorded" if args.timeline is not None else "plan"
+    title = f"{name} {source}: pp={pp}, vp={vp}, microbatches={m}"
+    if expected:
+        title += f"   (theory idle/busy (p-1)/(v*m) = {expected[0]:.3f})"
+    try:  # drawn before printing, so a closed stdout (| head) cannot cost the picture
+        draw_timeline(timeline, out, title, xlabel=xlabel)
+    except OSError as e:
+        sys.stderr.write(f"error: cannot write {out}: {' '.join(str(e).split())}\n")
+        return 2
+
     print(f"{name} schedule, pp={pp} vp={vp} microbatches={m}: {what}")
     if expected:
         print(f"theory: idle/busy ratio (p-1)/(v*m) = {expected[0]:.4f}, "
               f"idle share of wall time (p-1)/(v*m+p-1) = {expected[1]:.4f}")
     for line in bubble_table(ratios, expected):
         print(line)
-    source = "recorded" if args.timeline is not None else "plan"
-    title = f"{name} {source}: pp={pp}, vp={vp}, microbatches={m}"
-    if expected:
-        title += f"   (theory idle/busy (p-1)/(v*m) = {expected[0]:.3f})"
-    try:
-        draw_timeline(timeline, out, title, xlabel=xlabel)
-    except OSError as e:
-        sys.stderr.write(f"error: cannot write {out}: {' '.join(str(e).split())}\n")
-        return 2
     print(f"wrote {out}")
     return 0
 

@@ -102,8 +102,8 @@ class PipelineExecutor:
                     else:
                         grads_in[key] = buf
             else:
-                start = time.time()
                 reap_sends()
+                start = self._now()
                 if action.kind == FORWARD:
                     loss = self._forward(action, microbatches, inputs, outputs, loss_fn, forward_only, m)
                     if loss is not None:
@@ -113,7 +113,7 @@ class PipelineExecutor:
                     self._backward(action, inputs, outputs, grads_in, grads_out, sends, reap_sends)
                 if self.record_timeline:
                     self.events.append({"kind": action.kind, "microbatch": action.microbatch,
-                                        "chunk": action.chunk, "start": start, "end": time.time()})
+                                        "chunk": action.chunk, "start": start, "end": self._now()})
             i += 1
         for p in other_sends:
             p.work.wait()
@@ -122,6 +122,12 @@ class PipelineExecutor:
             reap_sends(k)
         assert not grads_in and not grads_out and (forward_only or not outputs), "plan left work undone"
         return losses
+
+    def _now(self) -> float:
+        """Wall time for the timeline; on CUDA wait for queued kernels so intervals are compute, not launch."""
+        if self.record_timeline and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.time()
 
     def _forward(self, a: Action, microbatches, inputs, outputs, loss_fn, forward_only, m):
         v = virtual_stage(self.pp_rank, a.chunk, self.pp)

@@ -30,6 +30,12 @@ def stage_of_virtual(v: int, pp: int) -> tuple[int, int]:
 def layers_per_virtual_stage(num_layers: int, pp: int, vp: int = 1, first_stage_layers: int | None = None,
                              last_stage_layers: int | None = None) -> list[int]:
     """Layer count of each virtual stage (length pp*vp), validated with one-line ConfigErrors."""
+    if pp < 1 or vp < 1:
+        raise ConfigError(f"pipeline size ({pp}) and virtual pipeline size ({vp}) must be >= 1")
+    for name, value in (("--decoder-first-pipeline-num-layers", first_stage_layers),
+                        ("--decoder-last-pipeline-num-layers", last_stage_layers)):
+        if value is not None and value < 0:  # 0 is allowed: an embedding-only (or loss-only) stage
+            raise ConfigError(f"{name} must be >= 0, got {value}")
     n_virtual = pp * vp
     if vp > 1 and pp == 1:
         raise ConfigError("interleaved pipeline (virtual stages > 1) needs --pipeline-model-parallel-size > 1")
@@ -43,15 +49,19 @@ def layers_per_virtual_stage(num_layers: int, pp: int, vp: int = 1, first_stage_
     fixed = sum(c for c in counts if c is not None)
     free = [i for i, c in enumerate(counts) if c is None]
     rest = num_layers - fixed
-    if any(c is not None and c < 0 for c in counts) or rest < 0:
+    if rest < 0:
         raise ConfigError(f"first/last pipeline stage layer counts ({fixed} together) exceed --num-layers {num_layers}")
     if free:
         if rest % len(free):
             what = "pp x vp" if first_stage_layers is None and last_stage_layers is None else \
                 "the number of remaining virtual stages"
             raise ConfigError(
-                f"--num-layers {num_layers}{' minus the first/last stage layers' if fixed else ''} = {rest} is not "
-                f"divisible by {what} = {len(free)}; change --num-layers, --pp or the virtual pipeline size")
+                f"--num-layers {num_layers}{' minus the first/last stage layers' if len(free) < n_virtual else ''} = "
+                f"{rest} is not divisible by {what} = {len(free)}; change --num-layers, --pp or the virtual pipeline size")
+        if rest < len(free):
+            raise ConfigError(
+                f"{rest} layers left for {len(free)} virtual pipeline stages: every stage needs at least one layer; "
+                f"lower --pp / the virtual pipeline size or the first/last stage layers")
         for i in free:
             counts[i] = rest // len(free)
     elif rest != 0:

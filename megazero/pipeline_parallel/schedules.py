@@ -50,6 +50,8 @@ class Action:
 
 
 def validate_schedule(pp: int, vp: int, num_microbatches: int) -> None:
+    if pp < 1 or vp < 1:
+        raise ConfigError(f"pipeline size ({pp}) and virtual pipeline size ({vp}) must be >= 1")
     if num_microbatches < 1:
         raise ConfigError(f"number of microbatches must be >= 1, got {num_microbatches}")
     if vp > 1:
@@ -133,4 +135,5 @@ def build_plan(pp_rank: int, pp: int, vp: int, num_microbatches: int, forward_on
 
 
 def build_all_plans(pp: int, vp: int, num_microbatches: int, forward_only: bool = False) -> list[list[Action]]:
+    validate_schedule(pp, vp, num_microbatches)
     return [build_plan(r, pp, vp, num_microbatches, forward_only) for r in range(pp)]

@@ -5,7 +5,8 @@ Semantics (the same the executor gives on gloo / nccl):
   first (never blocking), then whose receives block until the matching message has been sent;
 - messages travel on channels (src rank, dst rank, tag) and are matched first-in first-out, with
   tag = (activation | gradient, receiving chunk), as the executor tags them;
-- forward costs `forward_cost`, backward `backward_cost`, communication 0.
+- forward costs `forward_cost`, backward `backward_cost`; a message arrives `comm_cost` after it
+  is sent (0 in the textbook bubble formula; the bench passes the measured p2p latency).
 
 `simulate()` checks that every message is received as the (microbatch, chunk) the receiver expects,
 that every (microbatch, chunk) is forwarded and backwarded exactly once with the backward after the
@@ -82,7 +83,7 @@ def _batches(plan: list[Action]) -> list[list[Action]]:
 
 
 def simulate(plans: list[list[Action]], vp: int, num_microbatches: int, forward_cost: float = 1.0,
-             backward_cost: float = 2.0, forward_only: bool = False) -> SimulationResult:
+             backward_cost: float = 2.0, forward_only: bool = False, comm_cost: float = 0.0) -> SimulationResult:
     pp = len(plans)
     batches = [_batches(p) for p in plans]
     cursor = [0] * pp
@@ -111,7 +112,7 @@ def simulate(plans: list[list[Action]], vp: int, num_microbatches: int, forward_
             for a in batch:
                 if a.kind in (SEND_ACT, SEND_GRAD):
                     tag = message_tag(a.kind, receiving_chunk(a, r, pp))
-                    channels[(r, a.peer, tag)].append((a.microbatch, clock[r]))
+                    channels[(r, a.peer, tag)].append((a.microbatch, clock[r] + comm_cost))
             posted[r] = True
         recvs = [a for a in batch if a.kind in (RECV_ACT, RECV_GRAD)]
         keys = [(a.peer, r, message_tag(a.kind, a.chunk)) for a in recvs]

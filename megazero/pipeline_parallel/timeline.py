@@ -152,7 +152,7 @@ def save_timeline(timeline: dict, path: str | os.PathLike) -> None:
 
 def draw_timeline(timeline: dict, out_path: str | os.PathLike, title: str, *, xlabel: str = "time (s)",
                   bubble_note: Sequence[str] | None = None) -> None:
-    """Draw the per-rank timeline as a PNG at `out_path` (atomically).
+    """Draw the per-rank timeline as a PNG at `out_path` (atomically), time measured from the first event.
 
     One row per pipeline rank (rank 0 on top); a box per event, coloured by chunk (forward light,
     backward dark), labelled with its microbatch number when wide enough; idle time shows as the grey
@@ -190,21 +190,21 @@ def draw_timeline(timeline: dict, out_path: str | os.PathLike, title: str, *, xl
     row_h = 0.8
     for rank in ranks:
         y = pp - 1 - rank["pp_rank"]  # rank 0 on top
-        ax.add_patch(Rectangle((t0, y - row_h / 2), span, row_h, facecolor="#e6e6e6", edgecolor="none", zorder=0))
+        ax.add_patch(Rectangle((0, y - row_h / 2), span, row_h, facecolor="#e6e6e6", edgecolor="none", zorder=0))
         for e in rank["events"]:
-            w = e["end"] - e["start"]
+            x, w = e["start"] - t0, e["end"] - e["start"]  # drawn from the earliest event: the step starts at 0
             colour = (light if e["kind"] == FORWARD else dark)[e["chunk"] % len(light)]
-            ax.add_patch(Rectangle((e["start"], y - row_h / 2), w, row_h, facecolor=colour, edgecolor="white",
+            ax.add_patch(Rectangle((x, y - row_h / 2), w, row_h, facecolor=colour, edgecolor="white",
                                    linewidth=0.6, zorder=1))
             label = str(e["microbatch"])
             size = min(8.5, 0.85 * w * pts_per_unit / (0.62 * len(label)))
             if size >= 4.5:
-                ax.text(e["start"] + w / 2, y, label, ha="center", va="center", fontsize=size, zorder=2,
+                ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=size, zorder=2,
                         color="black" if e["kind"] == FORWARD else "white")
-        ax.text(t1 + 0.01 * span, y, bubble_note[rank["pp_rank"]], ha="left", va="center", fontsize=8.5,
+        ax.text(1.01 * span, y, bubble_note[rank["pp_rank"]], ha="left", va="center", fontsize=8.5,
                 clip_on=False)
 
-    ax.set_xlim(t0, t1)
+    ax.set_xlim(0, span)
     ax.set_ylim(-0.6, pp - 0.4)
     ax.set_yticks(range(pp), [f"pp rank {pp - 1 - y}" for y in range(pp)])
     ax.tick_params(axis="y", length=0)

@@ -21,7 +21,7 @@ RTOL = 1e-5
 GLOBAL_BATCH = 8
 
 
-def parity_config(prefix, tokenizer_model, tp=1, pp=1, vp=1, micro=2) -> RunConfig:
+def parity_config(prefix, tokenizer_model, tp=1, pp=1, vp=1, micro=2, first_stage_layers=None) -> RunConfig:
     return RunConfig(
         model=ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=512,
                           make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0),
@@ -30,15 +30,16 @@ def parity_config(prefix, tokenizer_model, tp=1, pp=1, vp=1, micro=2) -> RunConf
         training=TrainingConfig(micro_batch_size=micro, global_batch_size=GLOBAL_BATCH, train_iters=STEPS, seed=7,
                                 eval_interval=STEPS, eval_iters=1, log_interval=STEPS),
     ).replace(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                        "virtual_pipeline_model_parallel_size": vp})
+                        "virtual_pipeline_model_parallel_size": vp,
+                        "decoder_first_pipeline_num_layers": first_stage_layers})
 
 
 def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts):
     data = ResolvedData(prefix=prefix, tokenizer_model=tokenizer_model, vocab_size=512, description="tiny")
     out = {}
     for layout in layouts:
-        tp, pp, vp, micro = layout
-        cfg = parity_config(prefix, tokenizer_model, tp, pp, vp, micro)
+        tp, pp, vp, micro, *first = layout
+        cfg = parity_config(prefix, tokenizer_model, tp, pp, vp, micro, *first)
         cfg.validate(world_size)
         topo = Topology.build(GridShape(world_size, tp=tp, pp=pp), rank)
         trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=lambda _: None)
@@ -47,19 +48,21 @@ def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts):
     return out
 
 
-# world size -> layouts (tp, pp, vp, micro batch) run in that launch; dp = world / (tp * pp)
+# world size -> layouts (tp, pp, vp, micro batch[, first-stage layers]) run in that launch;
+# dp = world / (tp * pp)
 LAUNCHES = {
     1: [(1, 1, 1, 2), (1, 1, 1, 8)],  # reference (accumulation 4) and the no-accumulation single process
-    2: [(2, 1, 1, 2), (1, 1, 1, 2), (1, 2, 1, 2), (1, 2, 2, 2)],
+    2: [(2, 1, 1, 2), (1, 1, 1, 2), (1, 2, 1, 2), (1, 2, 2, 2), (1, 2, 1, 2, 3)],
     4: [(4, 1, 1, 2), (2, 1, 1, 2), (1, 4, 1, 2), (1, 4, 2, 2), (2, 2, 1, 2), (1, 2, 2, 2)],
     8: [(2, 1, 1, 1), (2, 2, 1, 2)],
 }
 REFERENCE = (1, 1, 1, 1, 2)  # (world, tp, pp, vp, micro)
 
 
-def layout_id(world, tp, pp, vp, micro):
+def layout_id(world, tp, pp, vp, micro, first=None):
     dp = world // (tp * pp)
-    return f"tp{tp}-pp{pp}{f'-vp{vp}' if vp > 1 else ''}-dp{dp}-accum{GLOBAL_BATCH // (micro * dp)}"
+    uneven = f"-first{first}" if first is not None else ""
+    return f"tp{tp}-pp{pp}{f'-vp{vp}' if vp > 1 else ''}{uneven}-dp{dp}-accum{GLOBAL_BATCH // (micro * dp)}"
 
 
 @pytest.fixture(scope="module")
