@@ -166,12 +166,12 @@ class Trainer:
             losses += self.executor.run(self.eval_plan, self._next_microbatches(batches), lm_loss, forward_only=True)
         return self._batch_mean_loss(losses)
 
-    def _save_timeline(self, path: Path) -> None:
-        """Gather the last step's compute intervals from every stage of this pipeline; the writer
-        rank saves them in the format tools/plot_schedule.py --timeline draws."""
+    def _save_timeline(self, path: Path, events: list[dict]) -> None:
+        """Gather the last training step's compute intervals from every stage of this pipeline; the
+        writer rank saves them in the format tools/plot_schedule.py --timeline draws."""
         from megazero.pipeline_parallel.timeline import save_timeline
 
-        per_stage = comm.all_gather_object(self.executor.events, self.topo.pp_group)
+        per_stage = comm.all_gather_object(events, self.topo.pp_group)
         if self.topo.rank != self.topo.world_size - 1:
             return
         origin = min((e["start"] for events in per_stage for e in events), default=0.0)
@@ -189,9 +189,12 @@ class Trainer:
         tokens_per_iter = self.global_batch * self.cfg.model.seq_length
         interval_start, interval_iters = time.perf_counter(), 0
         timeline_out = self.cfg.logging.timeline_out
+        timeline_events: list[dict] = []
         while self.iteration < t.train_iters:
             self.executor.record_timeline = bool(timeline_out) and self.iteration + 1 == t.train_iters
             record = self.train_step(batches)
+            if self.executor.record_timeline:  # keep the training step's events, not a later evaluation's
+                timeline_events, self.executor.record_timeline = self.executor.events, False
             history.append(record)
             interval_iters += 1
             last = record.iteration == t.train_iters
@@ -212,7 +215,7 @@ class Trainer:
                 # throughput intervals start after logging / evaluation, so they measure training only
                 interval_start, interval_iters = time.perf_counter(), 0
         if timeline_out:
-            self._save_timeline(Path(timeline_out))
+            self._save_timeline(Path(timeline_out), timeline_events)
         test = self.evaluate("test")
         self.summary = self.monitor.close({"test_lm_loss": test, "num_parameters": self.num_parameters,
                                            "world_size": self.topo.world_size, "tp": self.topo.tp,

@@ -22,7 +22,7 @@ def test_torchrun_tp2_dp2_trains_and_writes_monitoring(tiny_dataset, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2-way tensor x 2-way data parallel" in proc.stdout
+    assert "2-way tensor x 1-way pipeline x 2-way data parallel" in proc.stdout
     assert proc.stdout.count("iteration       40/      40") == 1  # one rank prints the log lines
 
     rows = list(csv.DictReader(open(run_dir / "training_metrics.csv")))
@@ -38,3 +38,29 @@ def test_torchrun_tp2_dp2_trains_and_writes_monitoring(tiny_dataset, tmp_path):
     png = (run_dir / "training_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert (run_dir / "validation_metrics.csv").read_text().count("\n") == 3  # header + iterations 20, 40
+
+
+def test_torchrun_pp2_vp2_dp2_records_the_training_timeline(tiny_dataset, tmp_path):
+    """Interleaved pipeline x data parallel under torchrun; --timeline-out holds the last *training*
+    step (every forward and backward of every chunk), not the evaluation that follows it."""
+    prefix, model = tiny_dataset
+    timeline = tmp_path / "timeline.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           str(REPO / "pretrain_gpt.py"), "--pp", "2", "--vp", "2", "--data-path", str(prefix),
+           "--tokenizer-model", str(model), "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+           "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "16", "--train-iters", "6",
+           "--log-interval", "3", "--eval-interval", "6", "--eval-iters", "1", "--split", "90,10,0",
+           "--output-dir", str(tmp_path / "run"), "--timeline-out", str(timeline)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2-way pipeline (interleaved, 2 chunks per stage) x 2-way data parallel" in proc.stdout
+    data = json.loads(timeline.read_text())
+    assert (data["pp"], data["vp"], data["num_microbatches"]) == (2, 2, 4)
+    for rank in data["ranks"]:
+        kinds = sorted((e["kind"], e["chunk"], e["microbatch"]) for e in rank["events"])
+        assert kinds == sorted((k, c, mb) for k in "FB" for c in range(2) for mb in range(4)), rank["pp_rank"]
+    draw = subprocess.run([sys.executable, str(REPO / "tools" / "plot_schedule.py"), "--timeline", str(timeline)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert draw.returncode == 0, draw.stderr
+    assert (tmp_path / "timeline.png").read_bytes().startswith(b"\x89PNG")
