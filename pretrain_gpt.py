@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg = parse_args(argv, rank=env.rank)
         cfg.validate(env.world_size)
+        cfg = cfg.resolved(env.world_size)
         backend = resolve_backend(cfg.parallel.distributed_backend)
         from megazero.training.data_setup import resolve_data  # heavy imports after cheap validation
 

@@ -13,7 +13,6 @@ import sys
 from collections import defaultdict
 
 from megazero.config import RunConfig
-from megazero.errors import ConfigError
 
 
 class _OneRankParser(argparse.ArgumentParser):
@@ -49,7 +48,27 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                    type=int, help="layers on the first (virtual) pipeline stage (default: even split)")
     g.add_argument("--decoder-last-pipeline-num-layers", dest="parallel.decoder_last_pipeline_num_layers",
                    type=int, help="layers on the last (virtual) pipeline stage (default: even split)")
-    g.add_argument("--zero-stage", dest="parallel.zero_stage", type=int, help="ZeRO stage (default 0)")
+    g = p.add_argument_group("ZeRO and mixed precision")
+    g.add_argument("--zero-stage", dest="zero.stage", type=int, choices=[0, 1, 2, 3],
+                   help="0: all-reduce grads; 1: shard optimizer state; 2: + gradients; 3: + parameters (default 0)")
+    g.add_argument("--ddp-bucket-size", "--reduce-bucket-size", dest="zero.reduce_bucket_size", type=int,
+                   help="gradient bucket size in elements (default 25M)")
+    g.add_argument("--allgather-bucket-size", dest="zero.allgather_bucket_size", type=int,
+                   help="parameter all-gather bucket size in elements (default 25M)")
+    g.add_argument("--no-overlap-comm", dest="zero.overlap_comm", action="store_false",
+                   help="reduce gradients after backward instead of during it")
+    g.add_argument("--bf16", dest="precision.params_dtype", action="store_const", const="bf16",
+                   help="bf16 parameters and activations, fp32 master weights")
+    g.add_argument("--fp16", dest="precision.params_dtype", action="store_const", const="fp16",
+                   help="fp16 parameters and activations, fp32 master weights, loss scaling")
+    g.add_argument("--loss-scale", dest="precision.loss_scale", type=float, help="static loss scale (fp16)")
+    g.add_argument("--initial-loss-scale", dest="precision.initial_loss_scale", type=float,
+                   help="dynamic loss scale start (default 65536)")
+    g.add_argument("--loss-scale-window", dest="precision.loss_scale_window", type=int, help="default 1000")
+    g.add_argument("--hysteresis", dest="precision.hysteresis", type=int, help="default 2")
+    g.add_argument("--min-loss-scale", dest="precision.min_loss_scale", type=float, help="default 1")
+    g.add_argument("--max-consecutive-skipped-steps", dest="precision.max_consecutive_skipped_steps", type=int,
+                   help="stop after this many non-finite-gradient steps in a row (default 50)")
     g.add_argument("--distributed-backend", dest="parallel.distributed_backend", choices=["nccl", "gloo"],
                    help="default: nccl when CUDA is available, else gloo")
 
@@ -72,6 +91,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", dest="training.micro_batch_size", type=int, help="default 8")
     g.add_argument("--global-batch-size", dest="training.global_batch_size", type=int,
                    help="default: micro batch x data-parallel size x pipeline size (one microbatch per stage)")
+    g.add_argument("--gradient-accumulation-steps", dest="training.gradient_accumulation_steps", type=int,
+                   help="microbatches per step (default: global / (micro x dp))")
     g.add_argument("--train-iters", dest="training.train_iters", type=int, help="default 300")
     g.add_argument("--seed", dest="training.seed", type=int, help="default 1234")
     g.add_argument("--log-interval", dest="training.log_interval", type=int, help="default 10")
@@ -88,7 +109,10 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", dest="optimizer.adam_beta2", type=float, help="default 0.95")
     g.add_argument("--adam-eps", dest="optimizer.adam_eps", type=float, help="default 1e-8")
     g.add_argument("--clip-grad", dest="optimizer.clip_grad", type=float, help="global grad-norm clip (default 1.0; 0 = off)")
+    g.add_argument("--optimizer", dest="optimizer.optimizer_type", choices=["adam", "adamw"],
+                   type=str.lower, help="both mean AdamW (decoupled weight decay), as in Megatron")
     g.add_argument("--lr-warmup-iters", dest="optimizer.lr_warmup_iters", type=int, help="default 20")
+    g.add_argument("--lr-warmup-init", dest="optimizer.lr_warmup_init", type=float, help="default 0")
     g.add_argument("--lr-decay-iters", dest="optimizer.lr_decay_iters", type=int, help="default: train iters")
     g.add_argument("--lr-decay-style", dest="optimizer.lr_decay_style", choices=["cosine", "linear", "constant"],
                    help="default cosine")
@@ -108,30 +132,32 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--output-dir", dest="logging.output_dir", help="run directory (default output/run-<time>)")
     g.add_argument("--tensorboard-dir", dest="logging.tensorboard_dir", help="default <output-dir>/tensorboard")
     g.add_argument("--no-tensorboard", dest="logging.no_tensorboard", action="store_true")
+    g.add_argument("--log-memory", dest="logging.log_memory", action="store_true",
+                   help="per-rank bytes in parameters, gradients and optimizer state")
+    g.add_argument("--log-comm", dest="logging.log_comm", action="store_true",
+                   help="per-rank bytes moved by each collective per step")
     g.add_argument("--timeline-out", dest="logging.timeline_out",
                    help="record the last training step's per-rank pipeline timeline to this JSON file "
                         "(draw it with tools/plot_schedule.py --timeline FILE)")
 
-    g = p.add_argument_group("not built yet (refused with a message)")
-    g.add_argument("--bf16", dest="_unbuilt.bf16", action="store_true")
-    g.add_argument("--fp16", dest="_unbuilt.fp16", action="store_true")
-    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="_unbuilt.deepspeed_config")
+    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="_ds.config",
+                   help="a DeepSpeed ds_config.json (batch sizes, fp16/bf16, optimizer, scheduler, zero_optimization, ...)")
     return p
 
 
-_UNBUILT = {
-    "bf16": "--bf16: mixed precision arrives with the ZeRO / mixed-precision issue; train in fp32 for now",
-    "fp16": "--fp16: mixed precision arrives with the ZeRO / mixed-precision issue; train in fp32 for now",
-    "deepspeed_config": "--deepspeed-config: ds_config.json support arrives with the ZeRO issue; use CLI flags",
-}
 
 
 def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
     ns = vars(build_parser(rank).parse_args(argv))
+    ds_config = ns.pop("_ds.config", None)
     sections: dict[str, dict] = defaultdict(dict)
     for dest, value in ns.items():
         section, name = dest.split(".", 1)
-        if section == "_unbuilt":
-            raise ConfigError(_UNBUILT[name])
         sections[section][name] = value
+    if "optimizer_type" in sections["optimizer"]:
+        sections["optimizer"]["optimizer_type"] = "adamw"  # Megatron's --optimizer adam is AdamW
+    if ds_config is not None:
+        from megazero.ds_config import apply_ds_config
+
+        return apply_ds_config(ds_config, cli_sections=dict(sections))
     return RunConfig().replace(**sections)

@@ -65,6 +65,30 @@ def reduce_scatter_dim0(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tens
     return out
 
 
+def all_reduce_async(tensor: torch.Tensor, group: ProcessGroup):
+    """Start an in-place sum all-reduce; returns a handle with .wait() (None for a size-1 group)."""
+    if group_size(group) == 1:
+        return None
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def reduce_scatter_async(out: torch.Tensor, tensor: torch.Tensor, group: ProcessGroup):
+    """Start a sum reduce-scatter of `tensor` (dim 0 split in rank order) into `out`; returns a handle
+    (None for a size-1 group, where `out` is filled at once)."""
+    if group_size(group) == 1:
+        out.copy_(tensor)
+        return None
+    return _reduce_scatter_flat(out, tensor.contiguous(), op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def all_gather_async(out: torch.Tensor, tensor: torch.Tensor, group: ProcessGroup):
+    """Start gathering every rank's `tensor` into `out` (dim 0, rank order); handle or None."""
+    if group_size(group) == 1:
+        out.copy_(tensor)
+        return None
+    return _all_gather_flat(out, tensor.contiguous(), group=group, async_op=True)
+
+
 def broadcast_(tensor: torch.Tensor, src_global_rank: int, group: ProcessGroup) -> torch.Tensor:
     if group_size(group) > 1:
         dist.broadcast(tensor, src=src_global_rank, group=group)

@@ -54,7 +54,6 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    zero_stage: int = 0
     distributed_backend: str | None = None  # None: nccl with CUDA, else gloo
     # Interleaved pipeline: give either the chunk count per stage (vp) or Megatron's layers per chunk.
     virtual_pipeline_model_parallel_size: int | None = None
@@ -64,7 +63,38 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class PrecisionConfig:
+    """Model (parameter and activation) dtype; master weights, gradient accumulation and optimizer
+    state are always fp32. fp16 uses a loss scaler (dynamic unless loss_scale is set)."""
+
+    params_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    loss_scale: float | None = None  # fp16: None = dynamic, a number = static scale
+    initial_loss_scale: float = 2.0**16
+    loss_scale_window: int = 1000  # overflow-free steps before the dynamic scale doubles
+    hysteresis: int = 2  # overflows tolerated before the scale halves
+    min_loss_scale: float = 1.0
+    max_consecutive_skipped_steps: int = 50  # stop the run after this many skipped steps in a row
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    """ZeRO over the data-parallel group: 0 = all-reduce gradients; 1 = shard optimizer state and fp32
+    master weights; 2 = also gradients; 3 = also parameters. Sizes are in elements."""
+
+    stage: int = 0
+    reduce_bucket_size: int = 25_000_000  # gradient bucket (reduce / reduce-scatter unit)
+    allgather_bucket_size: int = 25_000_000  # parameter all-gather unit after the step (stages 1, 2)
+    overlap_comm: bool = True  # reduce buckets during backward; gather parameters ahead of use
+    stage3_prefetch_layers: int = 1  # stage 3: layers whose parameters are gathered ahead
+    offload_optimizer: str = "none"  # none | cpu | nvme (arrives with the offload issue)
+    offload_param: str = "none"  # none | cpu (arrives with the offload issue)
+    offload_nvme_path: str | None = None
+    sub_group_size: int | None = None
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
+    optimizer_type: str = "adamw"  # adamw (decoupled decay; Megatron's and DeepSpeed's "adam") | adam_l2
     lr: float = 6e-4
     min_lr: float = 6e-5
     weight_decay: float = 0.1
@@ -73,6 +103,8 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     lr_warmup_iters: int = 20
+    lr_warmup_init: float = 0.0  # lr the warmup starts from
+    lr_warmup_style: str = "linear"  # linear | log (DeepSpeed WarmupLR's default)
     lr_decay_iters: int | None = None  # default train_iters
     lr_decay_style: str = "cosine"  # cosine | linear | constant
 
@@ -89,8 +121,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    micro_batch_size: int = 8
+    # Any two of micro / accumulation / global imply the third (global = micro x accumulation x dp).
+    # micro None is only valid when global and accumulation are both given (a ds_config.json case).
+    micro_batch_size: int | None = 8
     global_batch_size: int | None = None  # default micro x dp x pp (no accumulation without pipelining)
+    gradient_accumulation_steps: int | None = None
     train_iters: int = 300
     seed: int = 1234
     log_interval: int = 10
@@ -104,13 +139,19 @@ class LoggingConfig:
     output_dir: str | None = None  # default output/run-<timestamp>
     tensorboard_dir: str | None = None  # default <output_dir>/tensorboard
     no_tensorboard: bool = False
+    no_csv: bool = False  # skip training_metrics.csv / validation_metrics.csv
     timeline_out: str | None = None  # JSON of the last training step's pipeline timeline
+    log_memory: bool = False  # per-rank bytes in parameters, gradients, optimizer state
+    log_comm: bool = False  # per-rank bytes moved by each collective per step
+    wall_clock_breakdown: bool = False  # per-phase step times (forward-backward, grad sync, optimizer)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -131,12 +172,47 @@ class RunConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
 
+    def batch_sizes(self, world_size: int) -> tuple[int, int, int]:
+        """(micro, accumulation steps, global) with global = micro x accumulation x dp.
+
+        Any two given imply the third; all three given must agree (ConfigError with the numbers).
+        With only micro given, accumulation defaults to pp (one microbatch per pipeline stage: the
+        fewest that fill the pipeline, and a valid count for the interleaved schedule), i.e. 1 without
+        pipelining."""
+        t, dp = self.training, self.data_parallel_size(world_size)
+        micro, accum, gbs = t.micro_batch_size, t.gradient_accumulation_steps, t.global_batch_size
+        for name, value in (("micro batch size", micro), ("gradient accumulation steps", accum),
+                            ("global batch size", gbs)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if micro is None:
+            if gbs is None or accum is None:
+                raise ConfigError("give the micro batch size, or both the global batch size and the gradient "
+                                  "accumulation steps")
+            if gbs % (accum * dp):
+                raise ConfigError(
+                    f"global batch size {gbs} is not divisible by gradient accumulation steps {accum} x data-parallel "
+                    f"size {dp} = {accum * dp}, so no micro batch size fits")
+            micro = gbs // (accum * dp)
+        if gbs is None:
+            gbs = micro * dp * (accum or self.parallel.pipeline_model_parallel_size)
+        if accum is None:
+            if gbs % (micro * dp):
+                raise ConfigError(
+                    f"--global-batch-size {gbs} is not divisible by --micro-batch-size {micro} x data-parallel size "
+                    f"{dp} = {micro * dp}; use a multiple of {micro * dp}")
+            accum = gbs // (micro * dp)
+        if micro * accum * dp != gbs:
+            raise ConfigError(
+                f"batch sizes disagree: global batch {gbs} != micro batch {micro} x gradient accumulation {accum} x "
+                f"data-parallel size {dp} = {micro * accum * dp}")
+        return micro, accum, gbs
+
+    def micro_batch_size(self, world_size: int) -> int:
+        return self.batch_sizes(world_size)[0]
+
     def global_batch_size(self, world_size: int) -> int:
-        """Explicit, or by default micro x dp x pp: one microbatch per pipeline stage, the fewest that
-        fill the pipeline (and a valid count for the interleaved schedule); micro x dp without pp."""
-        t = self.training
-        return t.global_batch_size or (
-            t.micro_batch_size * self.data_parallel_size(world_size) * self.parallel.pipeline_model_parallel_size)
+        return self.batch_sizes(world_size)[2]
 
     def virtual_pipeline_size(self, num_layers: int | None = None) -> int:
         p = self.parallel
@@ -154,7 +230,13 @@ class RunConfig:
                                         p.decoder_last_pipeline_num_layers)
 
     def num_microbatches(self, world_size: int) -> int:
-        return self.global_batch_size(world_size) // (self.training.micro_batch_size * self.data_parallel_size(world_size))
+        return self.batch_sizes(world_size)[1]
+
+    def resolved(self, world_size: int) -> "RunConfig":
+        """This config with the batch sizes made explicit (what runs and what config.json records)."""
+        micro, accum, gbs = self.batch_sizes(world_size)
+        return self.replace(training={"micro_batch_size": micro, "gradient_accumulation_steps": accum,
+                                      "global_batch_size": gbs})
 
     # ----- validation ----------------------------------------------------------------------------
     def validate(self, world_size: int) -> None:
@@ -164,11 +246,7 @@ class RunConfig:
         m, p, o, t = self.model, self.parallel, self.optimizer, self.training
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         GridShape(world_size=world_size, tp=tp, pp=pp)  # world divisible by tp x pp
-        if p.zero_stage != 0:
-            raise ConfigError(
-                f"--zero-stage {p.zero_stage}: ZeRO sharding is not built yet (issue 'ZeRO stages 1, 2 and 3'); "
-                f"use --zero-stage 0 (plain data-parallel all-reduce)"
-            )
+        self._validate_precision_and_zero()
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by"):
             if getattr(m, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(m, name)}")
@@ -191,15 +269,7 @@ class RunConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(m, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(m, name)}")
-        if t.micro_batch_size < 1:
-            raise ConfigError(f"--micro-batch-size must be >= 1, got {t.micro_batch_size}")
-        dp = self.data_parallel_size(world_size)
-        gbs = self.global_batch_size(world_size)
-        if gbs % (t.micro_batch_size * dp):
-            raise ConfigError(
-                f"--global-batch-size {gbs} is not divisible by --micro-batch-size {t.micro_batch_size} x "
-                f"data-parallel size {dp} = {t.micro_batch_size * dp}; use a multiple of {t.micro_batch_size * dp}"
-            )
+        self.batch_sizes(world_size)
         self._validate_pipeline(world_size)
         if t.train_iters < 1:
             raise ConfigError(f"--train-iters must be >= 1, got {t.train_iters}")
@@ -215,6 +285,30 @@ class RunConfig:
         if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:
             raise ConfigError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
         self._validate_data_paths()
+
+    def _validate_precision_and_zero(self) -> None:
+        pr, z = self.precision, self.zero
+        if pr.params_dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"params dtype must be fp32, bf16 or fp16, got {pr.params_dtype!r}")
+        if pr.loss_scale is not None and pr.loss_scale <= 0:
+            raise ConfigError(f"--loss-scale must be > 0 (omit it for dynamic scaling), got {pr.loss_scale}")
+        if pr.initial_loss_scale <= 0 or pr.min_loss_scale <= 0 or pr.min_loss_scale > pr.initial_loss_scale:
+            raise ConfigError(f"need 0 < --min-loss-scale ({pr.min_loss_scale}) <= --initial-loss-scale "
+                              f"({pr.initial_loss_scale})")
+        if pr.loss_scale_window < 1 or pr.hysteresis < 1 or pr.max_consecutive_skipped_steps < 1:
+            raise ConfigError("--loss-scale-window, --hysteresis and --max-consecutive-skipped-steps must be >= 1")
+        if z.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {z.stage}")
+        if z.reduce_bucket_size < 1 or z.allgather_bucket_size < 1:
+            raise ConfigError("ZeRO bucket sizes must be >= 1 element")
+        if z.offload_optimizer != "none" or z.offload_param != "none":
+            raise ConfigError(
+                f"optimizer/parameter offload ({z.offload_optimizer}/{z.offload_param}) arrives with the offload "
+                f"issue (megatron_kernels: CPU Adam and offload); remove the offload settings for now")
+        if self.optimizer.optimizer_type not in ("adamw", "adam_l2"):
+            raise ConfigError(f"optimizer must be adamw or adam_l2, got {self.optimizer.optimizer_type!r}")
+        if self.optimizer.lr_warmup_style not in ("linear", "log"):
+            raise ConfigError(f"warmup style must be linear or log, got {self.optimizer.lr_warmup_style!r}")
 
     def _validate_pipeline(self, world_size: int) -> None:
         from megazero.pipeline_parallel.schedules import validate_schedule

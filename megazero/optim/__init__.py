@@ -1,7 +1,8 @@
-"""Optimizer-side pieces: lr schedule, global grad norm and clipping, AdamW construction."""
+"""Optimizer-side pieces: lr schedule, loss scaling, the gradient-norm counting rule. The optimizer
+step itself (AdamW over owned fragments, every ZeRO stage) is megazero/zero/optimizer.py."""
 
-from megazero.optim.clip_grad import clip_grads_, global_grad_norm
+from megazero.optim.clip_grad import counts_toward_norm
+from megazero.optim.loss_scaler import ConstantLossScaler, DynamicLossScaler, build_loss_scaler
 from megazero.optim.lr_schedule import LRSchedule
-from megazero.optim.optimizer import build_adamw
 
-__all__ = ["LRSchedule", "build_adamw", "clip_grads_", "global_grad_norm"]
+__all__ = ["ConstantLossScaler", "DynamicLossScaler", "LRSchedule", "build_loss_scaler", "counts_toward_norm"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class LRSchedule:
@@ -20,10 +18,16 @@ class LRSchedule:
     warmup_iters: int
     decay_iters: int
     style: str = "cosine"
+    warmup_init: float = 0.0  # lr the warmup starts from
+    warmup_style: str = "linear"  # linear | log (DeepSpeed WarmupLR: ln(i + 1) / ln(max(2, warmup)))
 
     def lr_at(self, iteration: int) -> float:
         if self.warmup_iters > 0 and iteration <= self.warmup_iters:
-            return self.max_lr * iteration / self.warmup_iters
+            if self.warmup_style == "log":
+                frac = min(1.0, math.log(iteration + 1) / math.log(max(2, self.warmup_iters)))
+            else:
+                frac = iteration / self.warmup_iters
+            return self.warmup_init + (self.max_lr - self.warmup_init) * frac
         if self.style == "constant":
             return self.max_lr
         span = max(self.decay_iters - self.warmup_iters, 1)
@@ -33,9 +37,3 @@ class LRSchedule:
         else:  # cosine
             coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
-
-    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
-        lr = self.lr_at(iteration)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr

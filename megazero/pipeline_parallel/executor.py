@@ -53,8 +53,9 @@ class PipelineExecutor:
         self.outputs_freed_before_backward = True
 
     def run(self, plan: list[Action], microbatches: list[Microbatch], loss_fn: LossFn,
-            forward_only: bool = False) -> list[torch.Tensor]:
-        """Execute `plan`; returns the detached per-microbatch losses (last stage; empty elsewhere)."""
+            forward_only: bool = False, grad_scale: float = 1.0) -> list[torch.Tensor]:
+        """Execute `plan`; returns the detached per-microbatch losses (last stage; empty elsewhere).
+        Backward starts from loss * grad_scale / m (grad_scale: the fp16 loss scale)."""
         m = len(microbatches)
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -105,7 +106,8 @@ class PipelineExecutor:
                 reap_sends()
                 start = self._now()
                 if action.kind == FORWARD:
-                    loss = self._forward(action, microbatches, inputs, outputs, loss_fn, forward_only, m)
+                    loss = self._forward(action, microbatches, inputs, outputs, loss_fn, forward_only,
+                                         grad_scale / m)
                     if loss is not None:
                         losses.append(loss)
                     self.peak_in_flight = max(self.peak_in_flight, len(outputs))  # stashed for backward
@@ -129,7 +131,7 @@ class PipelineExecutor:
             torch.cuda.synchronize()
         return time.time()
 
-    def _forward(self, a: Action, microbatches, inputs, outputs, loss_fn, forward_only, m):
+    def _forward(self, a: Action, microbatches, inputs, outputs, loss_fn, forward_only, loss_factor):
         v = virtual_stage(self.pp_rank, a.chunk, self.pp)
         batch = microbatches[a.microbatch]
         x = batch["tokens"] if v == 0 else inputs[(a.microbatch, a.chunk)]
@@ -140,7 +142,7 @@ class PipelineExecutor:
             if v == self.last_virtual:
                 loss = loss_fn(chunk, x, batch)
                 if not forward_only:
-                    outputs[(a.microbatch, a.chunk)] = loss / m
+                    outputs[(a.microbatch, a.chunk)] = loss * loss_factor
                 return loss.detach()
             outputs[(a.microbatch, a.chunk)] = chunk(x)
         return None
@@ -149,7 +151,7 @@ class PipelineExecutor:
         key = (a.microbatch, a.chunk)
         v = virtual_stage(self.pp_rank, a.chunk, self.pp)
         if v == self.last_virtual:
-            outputs.pop(key).backward()  # the (loss / m) scalar
+            outputs.pop(key).backward()  # the loss * (scale / m) scalar
         else:
             if key in sends:
                 reap_sends(key)

@@ -2,9 +2,10 @@
 
 The step, on one screen (DESIGN.md principle 8):
 
-    zero grads -> schedule (this rank's pipeline plan: forward/backward over microbatches)
-    -> finish gradient reduction (DP, then tied embeddings across first/last stage)
-    -> grad norm -> clip -> lr step -> optimizer step -> log
+    zero.start_step -> schedule (this rank's pipeline plan: forward/backward over microbatches,
+    loss scaled) -> zero.finish_grad_sync (DP reduction, tied embeddings across first/last stage)
+    -> zero.step (overflow check, grad norm, unscale + clip, AdamW on owned fragments, parameter
+    gather) -> loss-scale update -> log
 
 `train()` returns the per-iteration history (loss, grad norm, lr) that layout-parity tests compare.
 """
@@ -22,19 +23,18 @@ import torch
 from megazero import comm
 from megazero.config import RunConfig
 from megazero.data import build_data_iterator, build_train_valid_test_datasets
-from megazero.model import GPTModel
 from megazero.monitor import TrainingMonitor
-from megazero.optim import LRSchedule, build_adamw, clip_grads_, global_grad_norm
+from megazero.optim import LRSchedule
 from megazero.optim.clip_grad import counts_toward_norm
+from megazero.optim.loss_scaler import build_loss_scaler
 from megazero.pipeline_parallel.executor import Microbatch, PipelineExecutor
 from megazero.pipeline_parallel.p2p import PipelineP2P
-from megazero.pipeline_parallel.partition import chunk_layer_ranges, virtual_stage
 from megazero.pipeline_parallel.schedules import build_plan
 from megazero.random import RNGStreams
-from megazero.tensor_parallel.init import initialize_parameters
 from megazero.topology import Topology
 from megazero.training.data_setup import ResolvedData
-from megazero.zero.grad_buffer import GradBuffer
+from megazero.training.model_builder import DTYPES, build_model_chunks
+from megazero.zero.engine import ZeroEngine
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class StepRecord:
     grad_norm: float
     lr: float
     consumed_samples: int
+    loss_scale: float = 1.0
+    skipped: bool = False  # non-finite gradients somewhere: nothing was updated
 
 
 def lm_loss(chunk: torch.nn.Module, inputs: torch.Tensor, batch: Microbatch) -> torch.Tensor:
@@ -64,28 +66,26 @@ class Trainer:
         self.rng = RNGStreams(t.seed, topo.tp_rank, topo.pp_rank, device)
         # This rank's model chunks (one per virtual stage it holds; one without interleaving).
         self.vp = cfg.virtual_pipeline_size()
-        last_virtual = topo.pp * self.vp - 1
-        self.chunks = torch.nn.ModuleList()
-        for c, layers in enumerate(chunk_layer_ranges(topo.pp_rank, topo.pp, cfg.layers_per_virtual_stage())):
-            v = virtual_stage(topo.pp_rank, c, topo.pp)
-            chunk = GPTModel(m, tp_group=topo.tp_group, rng=self.rng, layer_range=layers, pre_process=v == 0,
-                             post_process=v == last_virtual, device=device)
-            initialize_parameters(chunk, t.seed)
-            self.chunks.append(chunk)
+        self.chunks = build_model_chunks(cfg, topo, self.rng, device)
         self.params = [p for p in self.chunks.parameters() if p.requires_grad]
-        self.grads = GradBuffer(self.params, topo.dp_group)
-        self.optimizer = build_adamw(self.chunks, o)
-        # Word embedding on a pipeline's first and last stage: gradients summed over the embedding group.
-        self.tied_embeddings = [c.word_embeddings.weight for c in self.chunks
-                                if hasattr(c, "word_embeddings") and topo.pp > 1]
+        # Whole-model parameter count: each distinct slice once (before ZeRO-3 shards the storage).
+        count = torch.tensor(float(sum(p.numel() for p in self.params if counts_toward_norm(p, topo.tp_rank))))
+        comm.all_reduce_(count, topo.model_group)
+        self.num_parameters = int(count.item())
+        self.zero = ZeroEngine(list(self.chunks), topo, cfg.zero, o, device)
+        pr = cfg.precision
+        self.scaler = build_loss_scaler(pr.params_dtype, pr.loss_scale, pr.initial_loss_scale, pr.loss_scale_window,
+                                        pr.hysteresis, pr.min_loss_scale)
+        self.consecutive_skips = 0
+        self.optimizer_steps = 0  # successful steps: the lr schedule advances only on these (Megatron)
         p2p = PipelineP2P(topo.pp_ranks, topo.pp_rank, topo.pp_group,
-                          (t.micro_batch_size, m.seq_length, m.hidden_size), torch.float32, device) \
-            if topo.pp > 1 else None
+                          (cfg.micro_batch_size(topo.world_size), m.seq_length, m.hidden_size),
+                          DTYPES[pr.params_dtype], device) if topo.pp > 1 else None
         self.executor = PipelineExecutor(list(self.chunks), topo.pp_rank, topo.pp, p2p)
         self.train_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches)
         self.eval_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches, forward_only=True)
         self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or t.train_iters,
-                                      o.lr_decay_style)
+                                      o.lr_decay_style, o.lr_warmup_init, o.lr_warmup_style)
 
         eval_runs = t.train_iters // t.eval_interval + 1
         train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
@@ -96,16 +96,12 @@ class Trainer:
         self.consumed_samples = 0
         self.iteration = 0
 
-        # Whole-model parameter count: each distinct slice once (replicated params on TP rank 0 only).
-        count = torch.tensor(float(sum(p.numel() for p in self.params if counts_toward_norm(p, topo.tp_rank))))
-        comm.all_reduce_(count, topo.model_group)
-        self.num_parameters = int(count.item())
         self.log(f"model: {self.num_parameters:,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
                  f"{m.num_attention_heads} heads, seq {m.seq_length}, vocab {m.vocab_size} padded to "
                  f"{m.padded_vocab_size(topo.tp)}); {topo.tp}-way tensor x {topo.pp}-way pipeline"
                  f"{f' (interleaved, {self.vp} chunks per stage)' if self.vp > 1 else ''} x {topo.dp}-way data parallel; "
-                 f"global batch {self.global_batch} = micro {t.micro_batch_size} x {self.num_microbatches} "
-                 f"accumulation x {topo.dp} dp")
+                 f"global batch {self.global_batch} = micro {cfg.micro_batch_size(topo.world_size)} x {self.num_microbatches} "
+                 f"accumulation x {topo.dp} dp; ZeRO stage {cfg.zero.stage}, {pr.params_dtype}")
         # The last rank holds the loss (last pipeline stage) and writes every monitoring file.
         self.monitor = TrainingMonitor(
             run_dir or Path("."), tensorboard_dir=self._tensorboard_dir(run_dir), config=cfg.to_dict(),
@@ -121,7 +117,7 @@ class Trainer:
 
     # ----- data ----------------------------------------------------------------------------------
     def _batches(self, split: str, consumed: int) -> Iterator[Microbatch]:
-        it = build_data_iterator(self.datasets[split], consumed, self.cfg.training.micro_batch_size,
+        it = build_data_iterator(self.datasets[split], consumed, self.cfg.micro_batch_size(self.topo.world_size),
                                  self.topo.dp_rank, self.topo.dp, self.cfg.data.num_workers)
         for batch in it:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -140,18 +136,29 @@ class Trainer:
     # ----- one step --------------------------------------------------------------------------------
     def train_step(self, batches: Iterator[Microbatch]) -> StepRecord:
         self.chunks.train()
-        self.grads.zero()
-        losses = self.executor.run(self.train_plan, self._next_microbatches(batches), lm_loss)
-        self.grads.reduce_gradients()
-        for weight in self.tied_embeddings:
-            comm.all_reduce_(weight.grad, self.topo.embedding_group)
-        grad_norm = global_grad_norm(self.params, tp_rank=self.topo.tp_rank, model_group=self.topo.model_group)
-        clip_grads_(self.params, grad_norm, self.cfg.optimizer.clip_grad)
+        scale = self.scaler.scale
+        self.zero.start_step(self.num_microbatches)
+        losses = self.executor.run(self.train_plan, self._next_microbatches(batches), lm_loss, grad_scale=scale)
+        self.zero.finish_grad_sync()
+        lr = self.lr_schedule.lr_at(self.optimizer_steps + 1)
+        result = self.zero.step(lr, self.cfg.optimizer.clip_grad, scale)
+        self.scaler.update(result.skipped)
         self.iteration += 1
-        lr = self.lr_schedule.apply(self.optimizer, self.iteration)
-        self.optimizer.step()
         self.consumed_samples += self.global_batch
-        return StepRecord(self.iteration, self._batch_mean_loss(losses), grad_norm, lr, self.consumed_samples)
+        if result.skipped:
+            self.consecutive_skips += 1
+            self.log_writer(f"iteration {self.iteration}: non-finite gradients, step skipped "
+                            f"(loss scale {scale:g} -> {self.scaler.scale:g})")
+            limit = self.cfg.precision.max_consecutive_skipped_steps
+            if self.consecutive_skips >= limit:
+                raise FloatingPointError(
+                    f"{limit} consecutive steps had non-finite gradients (last at iteration {self.iteration}); "
+                    f"lower --lr, use --bf16 instead of --fp16, or raise --max-consecutive-skipped-steps")
+        else:
+            self.consecutive_skips = 0
+            self.optimizer_steps += 1
+        return StepRecord(self.iteration, self._batch_mean_loss(losses), result.grad_norm, lr, self.consumed_samples,
+                          scale, result.skipped)
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float | None:
@@ -164,6 +171,7 @@ class Trainer:
         losses: list[torch.Tensor] = []
         for _ in range(self.cfg.training.eval_iters):
             losses += self.executor.run(self.eval_plan, self._next_microbatches(batches), lm_loss, forward_only=True)
+        self.zero.release_params()
         return self._batch_mean_loss(losses)
 
     def _save_timeline(self, path: Path, events: list[dict]) -> None:

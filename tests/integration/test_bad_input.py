@@ -68,8 +68,8 @@ CASES = [
     (["--pp", "2", "--num-layers-per-virtual-pipeline-stage", "3", "--num-layers", "4"], 2,
      ["--num-layers 4 is not divisible by --pp 2 x --num-layers-per-virtual-pipeline-stage 3"]),
     (["--tp", "2", "--pp", "2"], 6, ["world size 6 is not divisible by tensor-parallel size 2 x pipeline-parallel size 2"]),
-    (["--zero-stage", "1"], 1, ["ZeRO sharding is not built yet"]),
-    (["--bf16"], 1, ["mixed precision arrives with"]),
+    (["--micro-batch-size", "4", "--gradient-accumulation-steps", "3", "--global-batch-size", "16"], 2,
+     ["batch sizes disagree: global batch 16 != micro batch 4 x gradient accumulation 3 x data-parallel size 2 = 24"]),
     (["--data-path", "nowhere/data", "--tokenizer-model", __file__], 1, ["nowhere/data.bin not found"]),
 ]
 

@@ -1,11 +1,14 @@
 """Layout parity: the same tiny GPT, seed and data trained under every tp x pp (x vp) x dp layout that
-fits in 8 ranks gives the same per-step loss and grad norm as one process (fp32, rtol 1e-5).
+fits in 8 ranks, and under ZeRO stages 0-3, gives the same per-step loss and grad norm as one process
+(fp32, rtol 1e-5).
 
 Dropout is 0: dropout masks on head-sharded activations are drawn per TP rank by design, so they
 cannot match a different tp size. Global batch 8 with micro batch 2 makes gradient accumulation 4 / 2
 / 1 at dp 1 / 2 / 4 (and those are the pipeline's microbatches), so accumulation is covered too. One
 launch per world size runs every layout of that size.
 """
+
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -21,7 +24,17 @@ RTOL = 1e-5
 GLOBAL_BATCH = 8
 
 
-def parity_config(prefix, tokenizer_model, tp=1, pp=1, vp=1, micro=2, first_stage_layers=None) -> RunConfig:
+class Layout(NamedTuple):
+    tp: int = 1
+    pp: int = 1
+    vp: int = 1
+    micro: int = 2
+    first_stage_layers: int | None = None
+    zero: int = 0
+
+
+def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
+    tp, pp, vp, micro, first_stage_layers, zero = layout
     return RunConfig(
         model=ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=512,
                           make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0),
@@ -31,38 +44,48 @@ def parity_config(prefix, tokenizer_model, tp=1, pp=1, vp=1, micro=2, first_stag
                                 eval_interval=STEPS, eval_iters=1, log_interval=STEPS),
     ).replace(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                         "virtual_pipeline_model_parallel_size": vp,
-                        "decoder_first_pipeline_num_layers": first_stage_layers})
+                        "decoder_first_pipeline_num_layers": first_stage_layers},
+              zero={"stage": zero, "reduce_bucket_size": 20_000})  # several buckets, uneven shards
 
 
 def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts):
     data = ResolvedData(prefix=prefix, tokenizer_model=tokenizer_model, vocab_size=512, description="tiny")
     out = {}
     for layout in layouts:
-        tp, pp, vp, micro, *first = layout
-        cfg = parity_config(prefix, tokenizer_model, tp, pp, vp, micro, *first)
+        cfg = parity_config(prefix, tokenizer_model, layout)
         cfg.validate(world_size)
-        topo = Topology.build(GridShape(world_size, tp=tp, pp=pp), rank)
+        topo = Topology.build(GridShape(world_size, tp=layout.tp, pp=layout.pp), rank)
         trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=lambda _: None)
         history = trainer.train()
         out[layout] = [(r.lm_loss, r.grad_norm) for r in history]
     return out
 
 
-# world size -> layouts (tp, pp, vp, micro batch[, first-stage layers]) run in that launch;
-# dp = world / (tp * pp)
-LAUNCHES = {
-    1: [(1, 1, 1, 2), (1, 1, 1, 8)],  # reference (accumulation 4) and the no-accumulation single process
-    2: [(2, 1, 1, 2), (1, 1, 1, 2), (1, 2, 1, 2), (1, 2, 2, 2), (1, 2, 1, 2, 3)],
-    4: [(4, 1, 1, 2), (2, 1, 1, 2), (1, 4, 1, 2), (1, 4, 2, 2), (2, 2, 1, 2), (1, 2, 2, 2)],
-    8: [(2, 1, 1, 1), (2, 2, 1, 2)],
+L = Layout
+ZERO_LAYOUTS = {  # the ZeRO issue's layouts, each with gradient accumulation 2
+    2: [L(micro=2)],                                                   # dp2
+    4: [L(micro=1), L(tp=2, micro=2), L(pp=2, micro=2), L(pp=2, vp=2, micro=2)],  # dp4, tp2dp2, pp2dp2, pp2vp2dp2
+    8: [L(tp=2, pp=2, micro=2)],                                       # tp2pp2dp2
 }
-REFERENCE = (1, 1, 1, 1, 2)  # (world, tp, pp, vp, micro)
+# world size -> layouts run in that launch; dp = world / (tp * pp)
+LAUNCHES = {
+    1: [L(), L(micro=8)],  # reference (accumulation 4) and the no-accumulation single process
+    2: [L(tp=2), L(), L(pp=2), L(pp=2, vp=2), L(pp=2, first_stage_layers=3)]
+       + [l._replace(zero=z) for z in (1, 2, 3) for l in ZERO_LAYOUTS[2]],
+    4: [L(tp=4), L(tp=2), L(pp=4), L(pp=4, vp=2), L(tp=2, pp=2), L(pp=2, vp=2)]
+       + [l._replace(zero=z) for z in (1, 2, 3) for l in ZERO_LAYOUTS[4]],
+    8: [L(tp=2, micro=1), L(tp=2, pp=2), L(tp=2, pp=2, vp=2)]
+       + [l._replace(zero=z) for z in (1, 2, 3) for l in ZERO_LAYOUTS[8]],
+}
+REFERENCE = (1, L())
 
 
-def layout_id(world, tp, pp, vp, micro, first=None):
+def layout_id(world: int, layout: Layout) -> str:
+    tp, pp, vp, micro, first, zero = layout
     dp = world // (tp * pp)
     uneven = f"-first{first}" if first is not None else ""
-    return f"tp{tp}-pp{pp}{f'-vp{vp}' if vp > 1 else ''}{uneven}-dp{dp}-accum{GLOBAL_BATCH // (micro * dp)}"
+    return (f"tp{tp}-pp{pp}{f'-vp{vp}' if vp > 1 else ''}{uneven}-dp{dp}-accum{GLOBAL_BATCH // (micro * dp)}"
+            f"{f'-zero{zero}' if zero else ''}")
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +98,11 @@ def histories(tiny_dataset):
             # every rank reports the same (pipeline- and dp-reduced) loss and the same global grad norm
             for r in per_rank[1:]:
                 assert r[layout] == per_rank[0][layout], f"ranks disagree in layout {layout}"
-            merged[(world, *layout)] = per_rank[0][layout]
+            merged[(world, layout)] = per_rank[0][layout]
     return merged
 
 
-ALL = [(w, *layout) for w, layouts in LAUNCHES.items() for layout in layouts if (w, *layout) != REFERENCE]
+ALL = [(w, layout) for w, layouts in LAUNCHES.items() for layout in layouts if (w, layout) != REFERENCE]
 
 
 @pytest.mark.parametrize("key", ALL, ids=[layout_id(*k) for k in ALL])

@@ -1,0 +1,32 @@
+"""This rank's model: one GPT chunk per virtual pipeline stage it holds, initialised layout-invariantly
+in the model dtype, with the cross-stage tied word embedding marked for its own ZeRO bucket."""
+
+from __future__ import annotations
+
+import torch
+
+from megazero.config import RunConfig
+from megazero.model import GPTModel
+from megazero.pipeline_parallel.partition import chunk_layer_ranges, virtual_stage
+from megazero.random import RNGStreams
+from megazero.tensor_parallel.init import initialize_parameters
+from megazero.topology import Topology
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model_chunks(cfg: RunConfig, topo: Topology, rng: RNGStreams, device: torch.device) -> torch.nn.ModuleList:
+    vp = cfg.virtual_pipeline_size()
+    last_virtual = topo.pp * vp - 1
+    dtype = DTYPES[cfg.precision.params_dtype]
+    chunks = torch.nn.ModuleList()
+    for c, layers in enumerate(chunk_layer_ranges(topo.pp_rank, topo.pp, cfg.layers_per_virtual_stage())):
+        v = virtual_stage(topo.pp_rank, c, topo.pp)
+        chunk = GPTModel(cfg.model, tp_group=topo.tp_group, rng=rng, layer_range=layers, pre_process=v == 0,
+                         post_process=v == last_virtual, dtype=dtype, device=device)
+        initialize_parameters(chunk, cfg.training.seed)
+        if topo.pp > 1 and hasattr(chunk, "word_embeddings"):
+            # Summed across the first and last stage: identical ZeRO shard boundaries on both (layout.py).
+            chunk.word_embeddings.weight.own_bucket = True
+        chunks.append(chunk)
+    return chunks

@@ -1,0 +1,84 @@
+"""ZeRO for one rank's model chunks: layout + gradient sync + parameter storage + optimizer, composed
+for the trainer, which sees four calls per step:
+
+    zero.start_step(num_microbatches)     before the schedule
+    zero.finish_grad_sync()               after it: DP reduction done, tied embeddings summed
+    result = zero.step(lr, clip, scale)   norm, clip, AdamW on owned fragments, parameter gather
+    zero.release_params()                 after evaluation (stage 3 frees gathered units)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megazero.config import OptimizerConfig, ZeroConfig
+from megazero.topology import Topology
+from megazero.zero.grad_sync import GradSync
+from megazero.zero.layout import BufferLayout
+from megazero.zero.optimizer import StepResult, ZeroOptimizer, decays
+from megazero.zero.param_storage import ParamStorage
+from megazero.zero.stage3 import Stage3Hooks
+
+
+def parameter_groups(chunks: list[nn.Module], stage: int) -> list[list[nn.Parameter]]:
+    """Forward-ordered groups for the layout: one per parameter (packed into size-bounded buckets) at
+    stages 0-2; at stage 3 one per unit (block / tied embedding / the rest of a chunk)."""
+    groups: list[list[nn.Parameter]] = []
+    for chunk in chunks:
+        blocks = list(chunk.layers.values()) if hasattr(chunk, "layers") else []
+        in_block = {id(p) for blk in blocks for p in blk.parameters()}
+        own = [p for p in chunk.parameters() if getattr(p, "own_bucket", False)]
+        rest = [p for p in chunk.parameters() if id(p) not in in_block and not getattr(p, "own_bucket", False)]
+        if stage < 3:
+            ordered = [p for p in chunk.parameters()]
+            groups += [[p] for p in ordered]
+            continue
+        groups += [[p] for p in own]
+        if rest:
+            groups.append(rest)
+        groups += [list(blk.parameters()) for blk in blocks]
+    return groups
+
+
+class ZeroEngine:
+    def __init__(self, chunks: list[nn.Module], topo: Topology, zero: ZeroConfig, opt: OptimizerConfig,
+                 device: torch.device):
+        self.stage = zero.stage
+        params = [p for c in chunks for p in c.parameters()]
+        weight_decay = {id(p): decays(n, p) for c in chunks for n, p in c.named_parameters()}  # before ZeRO-3 storage
+        bucket_size = None if zero.stage == 3 else zero.reduce_bucket_size
+        self.layout = BufferLayout(parameter_groups(chunks, zero.stage), topo.dp, bucket_size)
+        assert {id(p) for p in params} == set(self.layout.range_of), "every parameter is laid out once"
+        tied = any(getattr(p, "own_bucket", False) for p in params)
+        self.storage = ParamStorage(self.layout, zero.stage, topo.dp_group, topo.dp_rank)
+        self.grads = GradSync(self.layout, zero.stage, topo.dp_group, topo.dp_rank, device, zero.overlap_comm,
+                              embedding_group=topo.embedding_group if tied else None)
+        self.optimizer = ZeroOptimizer(self.layout, self.grads, self.storage, weight_decay, opt, stage=zero.stage,
+                                       dp_rank=topo.dp_rank, tp_rank=topo.tp_rank, dp_group=topo.dp_group,
+                                       model_group=topo.model_group)
+        self.stage3 = None
+        if zero.stage == 3:
+            self.stage3 = Stage3Hooks(chunks, self.layout, self.storage, zero.stage3_prefetch_layers)
+            self.grads.on_bucket_done = self.stage3.on_bucket_grads_done
+        elif zero.stage in (1, 2):
+            for chunk in chunks:  # the all-gather after a step overlaps everything until the next forward
+                chunk.register_forward_pre_hook(lambda module, args: self.storage.wait_gathers())
+
+    def start_step(self, num_microbatches: int) -> None:
+        self.grads.start_step(num_microbatches)
+
+    def finish_grad_sync(self) -> None:
+        self.grads.finish()
+
+    def step(self, lr: float, max_norm: float, loss_scale: float) -> StepResult:
+        result = self.optimizer.step(lr, max_norm, loss_scale)
+        self.storage.release_all()
+        return result
+
+    def release_params(self) -> None:
+        self.storage.release_all()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Model-state bytes this rank holds between steps."""
+        return {"params": self.storage.nbytes(), "grads": self.grads.nbytes(), "optimizer": self.optimizer.nbytes()}

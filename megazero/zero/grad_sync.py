@@ -1,0 +1,154 @@
+"""Gradient accumulation and data-parallel reduction over the flat layout (layout.py).
+
+Each parameter gets a post-accumulate-grad hook. The trainer says how many microbatches the step has
+(`start_step(m)`); a bucket's reduction starts as soon as its last gradient of the step (stages 0-1)
+or of the microbatch (stages 2-3) has been accumulated, overlapping the rest of backward, and
+`finish()` (called by the trainer, not poked from the schedule) waits for all of them.
+
+| stage | gradient storage per rank              | reduction                                        |
+|-------|-----------------------------------------|--------------------------------------------------|
+| 0     | full fp32 buffer                        | all-reduce each bucket once per step             |
+| 1     | full fp32 buffer                        | reduce-scatter each bucket once per step         |
+| 2, 3  | fp32 shard (1/dp) + transient buckets   | reduce-scatter each bucket once per *microbatch* |
+
+Stages 2 and 3 never hold a full gradient beyond the buckets being reduced, which is what makes them
+lighter than stage 1, at a price with gradient accumulation: m reduce-scatters per step instead of
+one (docs/architecture.md, "ZeRO"). fp32 parameters whose full buffer exists (stages 0-1) use the
+buffer itself as `.grad`, so autograd accumulates in place; otherwise the hook adds `.grad` (any
+dtype) into fp32 storage and drops it. Averaging over dp happens after the sum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megazero import comm
+from megazero.zero.layout import Bucket, BufferLayout, Fragment
+
+
+class GradSync:
+    def __init__(self, layout: BufferLayout, stage: int, dp_group, dp_rank: int, device: torch.device,
+                 overlap: bool = True, embedding_group=None):
+        self.layout, self.stage, self.dp_group, self.dp_rank = layout, stage, dp_group, dp_rank
+        self.dp = comm.group_size(dp_group)
+        self.overlap, self.embedding_group = overlap, embedding_group
+        self.full = stage <= 1
+        self.params = [p for b in layout.buckets for p in b.params]
+        if self.full:
+            self.buffer = torch.zeros(layout.numel, dtype=torch.float32, device=device)
+            self._in_place = {id(p) for p in self.params if p.dtype == torch.float32}
+            for p in self.params:
+                if id(p) in self._in_place:
+                    p.grad = self._view(p)
+        else:
+            self.shards = {b.index: torch.zeros(b.numel // self.dp, dtype=torch.float32, device=device)
+                           for b in layout.buckets}
+            self._staging: dict[int, torch.Tensor] = {}
+        self._count = [0] * len(layout.buckets)
+        self._launched = [False] * len(layout.buckets)
+        # (bucket, collective handle, reduce-scatter output, input kept alive until the handle completes)
+        self._pending: list[tuple[Bucket, object, torch.Tensor | None, torch.Tensor | None]] = []
+        self.num_microbatches = 1
+        self.on_bucket_done = None  # called with a bucket index when a microbatch's grads of it are all in
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def _view(self, p: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.layout.range_of[id(p)]
+        return self.buffer[lo:hi].view_as(p)
+
+    # ----- per step ---------------------------------------------------------------------------------
+    def start_step(self, num_microbatches: int) -> None:
+        assert not self._pending, "finish() the previous step first"
+        self.num_microbatches = num_microbatches
+        self._count = [0] * len(self.layout.buckets)
+        self._launched = [False] * len(self.layout.buckets)
+        if self.full:
+            self.buffer.zero_()
+            for p in self.params:  # a view must stay a view (nothing may replace or drop it)
+                if id(p) in self._in_place:
+                    assert p.grad is not None and p.grad.data_ptr() == self._view(p).data_ptr(), \
+                        "a parameter's .grad no longer views the gradient buffer"
+        else:
+            for t in self.shards.values():
+                t.zero_()
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        b = self.layout.buckets[self.layout.bucket_of[id(p)]]
+        if self.full:
+            if id(p) not in self._in_place:
+                self._view(p).add_(p.grad)
+                p.grad = None
+        else:
+            staging = self._staging.get(b.index)
+            if staging is None:
+                staging = self._staging[b.index] = torch.zeros(b.numel, dtype=torch.float32, device=p.grad.device)
+            lo, hi = self.layout.range_of[id(p)]
+            staging[lo - b.start:hi - b.start].add_(p.grad.reshape(-1))
+            p.grad = None
+        self._count[b.index] += 1
+        if self.on_bucket_done is not None and self._count[b.index] % len(b.params) == 0:
+            self.on_bucket_done(b.index)
+        per_launch = len(b.params) * (self.num_microbatches if self.full else 1)
+        if self.overlap and self._count[b.index] % per_launch == 0:
+            self._launch(b)
+
+    def _launch(self, b: Bucket) -> None:
+        if self.full:
+            if self._launched[b.index]:
+                return
+            self._launched[b.index] = True
+            region = self.buffer[b.start:b.end]
+            if self.stage == 0:
+                self._pending.append((b, comm.all_reduce_async(region, self.dp_group), None, None))
+            else:
+                out = torch.empty(b.numel // self.dp, dtype=region.dtype, device=region.device)
+                self._pending.append((b, comm.reduce_scatter_async(out, region, self.dp_group), out, None))
+        else:
+            staging = self._staging.pop(b.index)  # released once its reduce-scatter completes
+            out = torch.empty(b.numel // self.dp, dtype=staging.dtype, device=staging.device)
+            self._pending.append((b, comm.reduce_scatter_async(out, staging, self.dp_group), out, staging))
+
+    def finish(self) -> None:
+        """Launch what has not been launched (overlap off, or unused parameters), wait for every
+        reduction, average over dp, then sum tied-embedding gradient shards across pipeline stages."""
+        for b in self.layout.buckets:
+            if self.full and not self._launched[b.index]:
+                self._launch(b)
+            elif not self.full and b.index in self._staging:
+                self._launch(b)
+        for b, work, out, _ in self._pending:
+            if work is not None:
+                work.wait()
+            lo, hi = b.shard(self.dp_rank, self.dp)
+            if self.stage == 0:
+                self.buffer[b.start:b.end].div_(self.dp)
+            elif self.stage == 1:
+                self.buffer[lo:hi].copy_(out).div_(self.dp)
+            else:
+                self.shards[b.index].add_(out, alpha=1.0 / self.dp)
+        self._pending.clear()
+        if self.embedding_group is not None:
+            for b in self.layout.buckets:
+                if any(getattr(p, "own_bucket", False) for p in b.params):
+                    comm.all_reduce_(self.owned_bucket_grad(b), self.embedding_group)
+
+    # ----- what the optimizer reads ----------------------------------------------------------------
+    def owned_bucket_grad(self, b: Bucket) -> torch.Tensor:
+        """This rank's reduced gradient region of bucket b (whole bucket at stage 0, else its shard)."""
+        if self.stage == 0:
+            return self.buffer[b.start:b.end]
+        if self.full:
+            lo, hi = b.shard(self.dp_rank, self.dp)
+            return self.buffer[lo:hi]
+        return self.shards[b.index]
+
+    def fragment_grad(self, f: Fragment) -> torch.Tensor:
+        b = self.layout.buckets[f.bucket]
+        region_start = b.start if self.stage == 0 else b.shard(self.dp_rank, self.dp)[0]
+        return self.owned_bucket_grad(b)[f.buffer_lo - region_start:f.buffer_hi - region_start]
+
+    def nbytes(self) -> int:
+        if self.full:
+            return self.buffer.numel() * self.buffer.element_size()
+        return sum(t.numel() * t.element_size() for t in self.shards.values())
+

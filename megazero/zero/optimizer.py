@@ -1,0 +1,108 @@
+"""The optimizer step over the fragments this rank owns (all stages, one code path).
+
+A *fragment* is the part of a parameter inside this rank's owned range (layout.py): the whole
+parameter at stage 0, its intersection with this rank's 1/dp shard of each bucket at stages 1-3. Each
+fragment has an fp32 master tensor (the stored values themselves when the model is fp32, else an fp32
+copy of the bf16/fp16 values) stepped by torch's AdamW, so the update is exactly AdamW's on every
+element whatever the sharding. One step:
+
+    found_inf = any non-finite gradient on any rank      (all-reduced over dp and tp x pp)
+    if found_inf: skip (nothing changes)
+    norm = global L2 norm of the unscaled gradients, every element counted once
+    grads *= (1 / loss_scale) * min(1, clip / (norm + 1e-6))
+    AdamW step on the masters; copy masters back into the model dtype; (stages 1-2) all-gather
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megazero import comm
+from megazero.config import OptimizerConfig
+from megazero.optim.clip_grad import counts_toward_norm
+from megazero.zero.grad_sync import GradSync
+from megazero.zero.layout import BufferLayout
+from megazero.zero.param_storage import ParamStorage
+
+
+@dataclass(frozen=True)
+class StepResult:
+    grad_norm: float  # nan when skipped
+    skipped: bool
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Megatron's rule: no weight decay on biases and normalisation weights (1-D parameters). Must be
+    decided while the parameter still has its shape (ZeRO-3 storage replaces it with an empty tensor)."""
+    return not (param.ndim == 1 or name.endswith(".bias"))
+
+
+class ZeroOptimizer:
+    def __init__(self, layout: BufferLayout, grads: GradSync, storage: ParamStorage, weight_decay: dict[int, bool],
+                 cfg: OptimizerConfig, *, stage: int, dp_rank: int, tp_rank: int, dp_group, model_group):
+        """weight_decay: id(param) -> whether AdamW decays it (see `decays`)."""
+        self.grads, self.storage, self.stage = grads, storage, stage
+        self.tp_rank, self.dp_group, self.model_group = tp_rank, dp_group, model_group
+        self.fragments = layout.fragments_of_rank(dp_rank, whole=stage == 0)
+        self.values = [storage.owned_values(f) for f in self.fragments]
+        # fp32 models step their stored values in place; others keep fp32 master copies
+        self.masters = [torch.nn.Parameter(v if v.dtype == torch.float32 else v.detach().float().clone())
+                        for v in self.values]
+        self.counted = [counts_toward_norm(f.param, tp_rank) for f in self.fragments]
+        decay = [m for m, f in zip(self.masters, self.fragments) if weight_decay[id(f.param)]]
+        no_decay = [m for m, f in zip(self.masters, self.fragments) if not weight_decay[id(f.param)]]
+        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        cls = torch.optim.AdamW if cfg.optimizer_type == "adamw" else torch.optim.Adam
+        # A rank whose shards hold only padding owns nothing to step (tiny models, large dp).
+        self.optimizer = cls(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps) \
+            if groups else None
+
+    def _sum_over_ranks(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        if self.stage > 0:  # shards are distinct over dp; at stage 0 every dp replica holds the same
+            comm.all_reduce_(value, self.dp_group, op=op)
+        comm.all_reduce_(value, self.model_group, op=op)
+        return value
+
+    @torch.no_grad()
+    def step(self, lr: float, max_norm: float, loss_scale: float) -> StepResult:
+        grads = [self.grads.fragment_grad(f) for f in self.fragments]
+        found_inf = torch.zeros((), dtype=torch.float32)
+        for g in grads:
+            if not torch.isfinite(g).all():
+                found_inf.fill_(1.0)
+                break
+        if self._sum_over_ranks(found_inf, "max").item() > 0:
+            return StepResult(float("nan"), skipped=True)
+
+        sq = torch.zeros((), dtype=torch.float32)
+        for g, counted in zip(grads, self.counted):
+            if counted:
+                sq += g.float().pow(2).sum().cpu()
+        norm = self._sum_over_ranks(sq, "sum").sqrt().item() / loss_scale
+        coeff = 1.0 / loss_scale
+        if max_norm > 0 and max_norm / (norm + 1e-6) < 1.0:
+            coeff *= max_norm / (norm + 1e-6)
+        for master, g in zip(self.masters, grads):
+            if coeff != 1.0:
+                g.mul_(coeff)
+            master.grad = g if g.dtype == torch.float32 else g.float()
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        for master, value in zip(self.masters, self.values):
+            if master.data_ptr() != value.data_ptr():
+                value.copy_(master)
+            master.grad = None
+        self.storage.after_step()
+        return StepResult(norm, skipped=False)
+
+    def nbytes(self) -> int:
+        """fp32 master copies (when not the stored values) + optimizer moments held by this rank."""
+        total = sum(m.numel() * 4 for m, v in zip(self.masters, self.values) if m.data_ptr() != v.data_ptr())
+        for state in (self.optimizer.state.values() if self.optimizer is not None else ()):
+            total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+        return total

@@ -1,0 +1,69 @@
+"""ZeRO stage 3: gather a unit's parameters just before it runs, release them right after.
+
+Units (one bucket each, layout.py): every transformer block, the tied word embedding, and the rest of
+a chunk (position embeddings, final LayerNorm). Blocks are gathered in a forward pre-hook and released
+in the forward post-hook; a hook on the block's output gradient gathers them again just before the
+block's backward, and they are released once all of the block's gradients of that microbatch have
+been accumulated (GradSync calls back). The next block (forward) or previous block (backward) is
+prefetched asynchronously. A chunk's non-block units are gathered at its first forward of a step and
+released by `release_all` at the end of the step (they are used at both ends of the chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megazero.zero.layout import BufferLayout
+from megazero.zero.param_storage import ParamStorage
+
+
+class Stage3Hooks:
+    def __init__(self, chunks: list[nn.Module], layout: BufferLayout, storage: ParamStorage, prefetch: int = 1):
+        self.storage, self.prefetch = storage, prefetch
+        self.block_buckets: list[list[int]] = []  # per chunk: bucket of each block, forward order
+        self._handles = []
+        for chunk in chunks:
+            blocks = list(chunk.layers.values()) if hasattr(chunk, "layers") else []
+            block_params = {id(p) for blk in blocks for p in blk.parameters()}
+            rest = sorted({layout.bucket_of[id(p)] for p in chunk.parameters() if id(p) not in block_params})
+            order = [layout.bucket_of[id(next(blk.parameters()))] for blk in blocks]
+            self.block_buckets.append(order)
+            self._handles.append(chunk.register_forward_pre_hook(self._gather_all(rest)))
+            for i, blk in enumerate(blocks):
+                self._handles.append(blk.register_forward_pre_hook(self._before_forward(order, i)))
+                self._handles.append(blk.register_forward_hook(self._after_forward(order, i)))
+        self.releasable = {b for order in self.block_buckets for b in order}
+
+    def _gather_all(self, buckets: list[int]):
+        def hook(module, args):
+            for b in buckets:
+                self.storage.gather(b)
+        return hook
+
+    def _before_forward(self, order: list[int], i: int):
+        def hook(module, args):
+            self.storage.gather(order[i])
+            for j in range(i + 1, min(i + 1 + self.prefetch, len(order))):
+                self.storage.gather(order[j], wait=False)
+        return hook
+
+    def _after_forward(self, order: list[int], i: int):
+        def hook(module, args, output):
+            if torch.is_grad_enabled() and output.requires_grad:
+                output.register_hook(self._before_backward(order, i))
+            self.storage.release(order[i])
+        return hook
+
+    def _before_backward(self, order: list[int], i: int):
+        def hook(grad):
+            self.storage.gather(order[i])
+            for j in range(i - 1, max(i - 1 - self.prefetch, -1), -1):
+                self.storage.gather(order[j], wait=False)
+            return None
+        return hook
+
+    def on_bucket_grads_done(self, bucket: int) -> None:
+        """GradSync: every gradient of this unit for the current microbatch has been accumulated."""
+        if bucket in self.releasable:
+            self.storage.release(bucket)
