@@ -55,6 +55,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                    help="gradient bucket size in elements (default 25M)")
     g.add_argument("--allgather-bucket-size", dest="zero.allgather_bucket_size", type=int,
                    help="parameter all-gather bucket size in elements (default 25M)")
+    g.add_argument("--grad-reduce-dtype", dest="zero.grad_reduce_dtype", choices=["fp32", "model"],
+                   help="accumulate and reduce gradients in fp32 (default) or in the model dtype (bf16/fp16)")
     g.add_argument("--no-overlap-comm", dest="zero.overlap_comm", action="store_false",
                    help="reduce gradients after backward instead of during it")
     g.add_argument("--bf16", dest="precision.params_dtype", action="store_const", const="bf16",

@@ -11,6 +11,8 @@ that dim to the front first (see tensor_parallel/collectives.py).
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.distributed as dist
 
@@ -20,6 +22,43 @@ ProcessGroup = dist.ProcessGroup
 # the old names; pick whichever this torch has.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class TrafficMeter:
+    """Bytes this rank sends per collective kind and group (--log-comm), by the ring algorithms'
+    per-rank volume: all-reduce 2(n-1)/n x size, reduce-scatter and all-gather (n-1)/n x the full
+    size, p2p the message size. Off unless enabled; the trainer resets it every step.
+
+    This is the one piece of module-level state in megazero: an instrumentation counter, like a
+    logger, never read by training logic."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.bytes: dict[tuple[str, str], float] = defaultdict(float)
+        self._names: dict[int, str] = {}
+
+    def name_group(self, group: ProcessGroup, name: str) -> None:
+        self._names[id(group)] = name
+
+    def add(self, kind: str, group: ProcessGroup | None, nbytes: float) -> None:
+        if self.enabled:
+            self.bytes[(kind, self._names.get(id(group), "other"))] += nbytes
+
+    def reset(self) -> dict[tuple[str, str], float]:
+        snapshot, self.bytes = dict(self.bytes), defaultdict(float)
+        return snapshot
+
+
+traffic = TrafficMeter()
+
+
+def _ring(group: ProcessGroup, factor: float, nbytes: int) -> float:
+    n = group_size(group)
+    return factor * (n - 1) / n * nbytes
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def group_size(group: ProcessGroup) -> int:
@@ -32,8 +71,10 @@ def group_rank(group: ProcessGroup) -> int:
 
 def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum / max / min / avg-as-sum-then-divide) over `group`."""
+    assert group is not None, "every collective names its group (no fallback to the world)"
     if group_size(group) == 1:
         return tensor
+    traffic.add("all_reduce", group, _ring(group, 2, _nbytes(tensor)))
     if op == "avg":
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         return tensor.div_(group_size(group))
@@ -49,6 +90,7 @@ def all_gather_dim0(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return tensor
     tensor = tensor.contiguous()
     out = torch.empty((tensor.shape[0] * world, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    traffic.add("all_gather", group, _ring(group, 1, _nbytes(out)))
     _all_gather_flat(out, tensor, group=group)
     return out
 
@@ -61,6 +103,7 @@ def reduce_scatter_dim0(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tens
     assert tensor.shape[0] % world == 0, f"dim 0 ({tensor.shape[0]}) not divisible by group size {world}"
     tensor = tensor.contiguous()
     out = torch.empty((tensor.shape[0] // world, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    traffic.add("reduce_scatter", group, _ring(group, 1, _nbytes(tensor)))
     _reduce_scatter_flat(out, tensor, op=dist.ReduceOp.SUM, group=group)
     return out
 
@@ -69,6 +112,7 @@ def all_reduce_async(tensor: torch.Tensor, group: ProcessGroup):
     """Start an in-place sum all-reduce; returns a handle with .wait() (None for a size-1 group)."""
     if group_size(group) == 1:
         return None
+    traffic.add("all_reduce", group, _ring(group, 2, _nbytes(tensor)))
     return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
@@ -78,6 +122,7 @@ def reduce_scatter_async(out: torch.Tensor, tensor: torch.Tensor, group: Process
     if group_size(group) == 1:
         out.copy_(tensor)
         return None
+    traffic.add("reduce_scatter", group, _ring(group, 1, _nbytes(tensor)))
     return _reduce_scatter_flat(out, tensor.contiguous(), op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
@@ -86,6 +131,7 @@ def all_gather_async(out: torch.Tensor, tensor: torch.Tensor, group: ProcessGrou
     if group_size(group) == 1:
         out.copy_(tensor)
         return None
+    traffic.add("all_gather", group, _ring(group, 1, _nbytes(out)))
     return _all_gather_flat(out, tensor.contiguous(), group=group, async_op=True)
 
 
@@ -112,4 +158,7 @@ def all_gather_object(obj, group: ProcessGroup) -> list:
 
 
 def batch_isend_irecv(ops: list[dist.P2POp]) -> list:
+    for op in ops:
+        if op.op is dist.isend:
+            traffic.add("p2p_send", op.group, _nbytes(op.tensor))
     return dist.batch_isend_irecv(ops) if ops else []

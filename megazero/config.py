@@ -85,6 +85,9 @@ class ZeroConfig:
     reduce_bucket_size: int = 25_000_000  # gradient bucket (reduce / reduce-scatter unit)
     allgather_bucket_size: int = 25_000_000  # parameter all-gather unit after the step (stages 1, 2)
     overlap_comm: bool = True  # reduce buckets during backward; gather parameters ahead of use
+    # Gradient accumulation / reduction dtype: fp32 (Megatron's default for bf16; exact sums) or the
+    # model's dtype (DeepSpeed's default; half the gradient memory and reduce traffic in bf16/fp16).
+    grad_reduce_dtype: str = "fp32"  # fp32 | model
     stage3_prefetch_layers: int = 1  # stage 3: layers whose parameters are gathered ahead
     offload_optimizer: str = "none"  # none | cpu | nvme (arrives with the offload issue)
     offload_param: str = "none"  # none | cpu (arrives with the offload issue)
@@ -299,6 +302,8 @@ class RunConfig:
             raise ConfigError("--loss-scale-window, --hysteresis and --max-consecutive-skipped-steps must be >= 1")
         if z.stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {z.stage}")
+        if z.grad_reduce_dtype not in ("fp32", "model"):
+            raise ConfigError(f"--grad-reduce-dtype must be fp32 or model, got {z.grad_reduce_dtype!r}")
         if z.reduce_bucket_size < 1 or z.allgather_bucket_size < 1:
             raise ConfigError("ZeRO bucket sizes must be >= 1 element")
         if z.offload_optimizer != "none" or z.offload_param != "none":

@@ -112,6 +112,7 @@ class Topology:
     pp_group: Any = field(repr=False)
     model_group: Any = field(repr=False)  # tp x pp: every rank holding a distinct slice of the model
     embedding_group: Any = field(repr=False)  # first + last pipeline stage (tied embeddings)
+    world_group: Any = field(repr=False, default=None)  # every rank (accounting gathers, barriers)
     pp_ranks: tuple[int, ...] = ()  # global ranks of this rank's pipeline, stage order
     embedding_ranks: tuple[int, ...] = ()
 
@@ -170,6 +171,8 @@ class Topology:
         torch requires every rank to call new_group for every group in the same order, so all groups
         are created here and the non-member handles are dropped.
         """
+        import torch.distributed as dist
+
         from megazero import comm
 
         groups = rank_groups(shape.world_size, shape.tp, shape.pp)
@@ -178,6 +181,7 @@ class Topology:
         for axis in ("tp", "dp", "pp", "model", "embedding"):
             for ranks in groups[axis]:
                 handle = comm.new_group(ranks, backend=backend)
+                comm.traffic.name_group(handle, axis)
                 if rank in ranks:
                     mine[axis] = handle
                     member_lists[axis] = ranks
@@ -190,6 +194,7 @@ class Topology:
             pp_group=mine["pp"],
             model_group=mine["model"],
             embedding_group=mine.get("embedding"),
+            world_group=dist.group.WORLD,
             pp_ranks=tuple(member_lists["pp"]),
             embedding_ranks=tuple(member_lists.get("embedding", ())),
         )

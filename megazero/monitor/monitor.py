@@ -125,6 +125,15 @@ class TrainingMonitor:
             )
         )
 
+    def log_scalars(self, iteration: int, scalars: dict[str, float], lines: list[str] = ()) -> None:
+        """Extra scalars (accounting, timers) to TensorBoard and `lines` to the console."""
+        if not self.enabled:
+            return
+        for line in lines:
+            self._log(line)
+        if self._tb is not None and scalars:
+            self._tb.add_scalars(scalars, iteration)
+
     def log_eval(self, iteration: int, *, lm_loss: float) -> None:
         """Log one evaluation; ppl = exp(min(lm_loss, 20))."""
         if not self.enabled:

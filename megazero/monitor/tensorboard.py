@@ -57,6 +57,13 @@ class TensorBoardWriter:
         w.add_scalar(TAG_TOKENS_PER_SEC, r.tokens_per_sec, step)
         w.flush()
 
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """Free-form scalars (memory / communication accounting, timers) under their own tags."""
+        w = self._live()
+        for tag, value in scalars.items():
+            w.add_scalar(tag, value, step)
+        w.flush()
+
     def add_eval(self, r: EvalRecord) -> None:
         w = self._live()
         w.add_scalar(TAG_VALIDATION_LOSS, r.lm_loss, r.iteration)

@@ -31,7 +31,7 @@ from megazero.pipeline_parallel.executor import Microbatch, PipelineExecutor
 from megazero.pipeline_parallel.p2p import PipelineP2P
 from megazero.pipeline_parallel.schedules import build_plan
 from megazero.random import RNGStreams
-from megazero.topology import Topology
+from megazero.topology import Topology, rank_to_coords
 from megazero.training.data_setup import ResolvedData
 from megazero.training.model_builder import DTYPES, build_model_chunks
 from megazero.zero.engine import ZeroEngine
@@ -174,6 +174,26 @@ class Trainer:
         self.zero.release_params()
         return self._batch_mean_loss(losses)
 
+    def _log_accounting(self, iteration: int, comm_bytes: dict) -> None:
+        """--log-memory / --log-comm: every rank's numbers, gathered to the writer rank, printed as
+        one line per rank and logged to TensorBoard as memory/rank{r}/..., comm/rank{r}/..."""
+        lc = self.cfg.logging
+        mine: dict[str, float] = {}
+        if lc.log_memory:
+            mine |= {f"memory/{k}-bytes": float(v) for k, v in self.zero.memory_bytes().items()}
+        if lc.log_comm:
+            mine |= {f"comm/{kind}-{group}-bytes": v for (kind, group), v in sorted(comm_bytes.items())}
+        if not mine:
+            return
+        everyone = comm.all_gather_object(mine, self.topo.world_group)
+        scalars = {f"{k.split('/')[0]}/rank{r}/{k.split('/', 1)[1]}": v
+                   for r, d in enumerate(everyone) for k, v in d.items()}
+        lines = [f" rank {r} (pp {pp}, dp {dp}, tp {tp}): " + " | ".join(
+                     f"{k.split('/', 1)[1].removesuffix('-bytes')}: {v / 2**20:.2f} MiB" for k, v in d.items())
+                 for r, d in enumerate(everyone)
+                 for pp, dp, tp in [rank_to_coords(r, self.topo.shape)]]
+        self.monitor.log_scalars(iteration, scalars, [f" per-rank accounting at iteration {iteration}:"] + lines)
+
     def _save_timeline(self, path: Path, events: list[dict]) -> None:
         """Gather the last training step's compute intervals from every stage of this pipeline; the
         writer rank saves them in the format tools/plot_schedule.py --timeline draws."""
@@ -198,9 +218,12 @@ class Trainer:
         interval_start, interval_iters = time.perf_counter(), 0
         timeline_out = self.cfg.logging.timeline_out
         timeline_events: list[dict] = []
+        comm.traffic.enabled = self.cfg.logging.log_comm
         while self.iteration < t.train_iters:
             self.executor.record_timeline = bool(timeline_out) and self.iteration + 1 == t.train_iters
+            comm.traffic.reset()
             record = self.train_step(batches)
+            step_traffic = comm.traffic.reset()  # this step's bytes, before logging adds its own
             if self.executor.record_timeline:  # keep the training step's events, not a later evaluation's
                 timeline_events, self.executor.record_timeline = self.executor.events, False
             history.append(record)
@@ -215,6 +238,7 @@ class Trainer:
                     tokens_per_sec=tokens_per_iter * interval_iters / elapsed)
                 if not math.isfinite(record.lm_loss):
                     raise FloatingPointError(f"loss is {record.lm_loss} at iteration {record.iteration}")
+                self._log_accounting(record.iteration, step_traffic)
             if record.iteration % t.eval_interval == 0 or last:
                 valid = self.evaluate("valid")
                 if valid is not None:

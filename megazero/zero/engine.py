@@ -52,8 +52,9 @@ class ZeroEngine:
         assert {id(p) for p in params} == set(self.layout.range_of), "every parameter is laid out once"
         tied = any(getattr(p, "own_bucket", False) for p in params)
         self.storage = ParamStorage(self.layout, zero.stage, topo.dp_group, topo.dp_rank)
+        grad_dtype = torch.float32 if zero.grad_reduce_dtype == "fp32" else params[0].dtype
         self.grads = GradSync(self.layout, zero.stage, topo.dp_group, topo.dp_rank, device, zero.overlap_comm,
-                              embedding_group=topo.embedding_group if tied else None)
+                              embedding_group=topo.embedding_group if tied else None, grad_dtype=grad_dtype)
         self.optimizer = ZeroOptimizer(self.layout, self.grads, self.storage, weight_decay, opt, stage=zero.stage,
                                        dp_rank=topo.dp_rank, tp_rank=topo.tp_rank, dp_group=topo.dp_group,
                                        model_group=topo.model_group)

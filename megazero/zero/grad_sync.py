@@ -15,7 +15,8 @@ Stages 2 and 3 never hold a full gradient beyond the buckets being reduced, whic
 lighter than stage 1, at a price with gradient accumulation: m reduce-scatters per step instead of
 one (docs/architecture.md, "ZeRO"). fp32 parameters whose full buffer exists (stages 0-1) use the
 buffer itself as `.grad`, so autograd accumulates in place; otherwise the hook adds `.grad` (any
-dtype) into fp32 storage and drops it. Averaging over dp happens after the sum.
+dtype) into the gradient storage and drops it. Storage is fp32 unless grad_dtype says otherwise
+(--grad-reduce-dtype model). Averaging over dp happens after the sum.
 """
 
 from __future__ import annotations
@@ -28,20 +29,21 @@ from megazero.zero.layout import Bucket, BufferLayout, Fragment
 
 class GradSync:
     def __init__(self, layout: BufferLayout, stage: int, dp_group, dp_rank: int, device: torch.device,
-                 overlap: bool = True, embedding_group=None):
+                 overlap: bool = True, embedding_group=None, grad_dtype: torch.dtype = torch.float32):
         self.layout, self.stage, self.dp_group, self.dp_rank = layout, stage, dp_group, dp_rank
         self.dp = comm.group_size(dp_group)
         self.overlap, self.embedding_group = overlap, embedding_group
         self.full = stage <= 1
+        self.dtype = grad_dtype
         self.params = [p for b in layout.buckets for p in b.params]
         if self.full:
-            self.buffer = torch.zeros(layout.numel, dtype=torch.float32, device=device)
-            self._in_place = {id(p) for p in self.params if p.dtype == torch.float32}
+            self.buffer = torch.zeros(layout.numel, dtype=grad_dtype, device=device)
+            self._in_place = {id(p) for p in self.params if p.dtype == grad_dtype}
             for p in self.params:
                 if id(p) in self._in_place:
                     p.grad = self._view(p)
         else:
-            self.shards = {b.index: torch.zeros(b.numel // self.dp, dtype=torch.float32, device=device)
+            self.shards = {b.index: torch.zeros(b.numel // self.dp, dtype=grad_dtype, device=device)
                            for b in layout.buckets}
             self._staging: dict[int, torch.Tensor] = {}
         self._count = [0] * len(layout.buckets)
@@ -81,7 +83,7 @@ class GradSync:
         else:
             staging = self._staging.get(b.index)
             if staging is None:
-                staging = self._staging[b.index] = torch.zeros(b.numel, dtype=torch.float32, device=p.grad.device)
+                staging = self._staging[b.index] = torch.zeros(b.numel, dtype=self.dtype, device=p.grad.device)
             lo, hi = self.layout.range_of[id(p)]
             staging[lo - b.start:hi - b.start].add_(p.grad.reshape(-1))
             p.grad = None
