@@ -38,7 +38,8 @@ def make_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Train; returns the run summary (what summary.json holds) on the writing rank, {} elsewhere."""
     env = LaunchEnv.from_environ()
     log = RankPrinter(env.rank)
     try:
@@ -46,11 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.validate(env.world_size)
         cfg = cfg.resolved(env.world_size)
         backend = resolve_backend(cfg.parallel.distributed_backend)
-        from megazero.training.data_setup import resolve_data  # heavy imports after cheap validation
+        from megazero.training.data_setup import build_datasets, resolve_data  # heavy imports after cheap checks
 
         data = resolve_data(cfg, log)
-        cfg = cfg.replace(model={"vocab_size": data.vocab_size},
-                          data={"data_path": str(data.prefix), "tokenizer_model": str(data.tokenizer_model)})
+        cfg = cfg.replace(model={"vocab_size": data.vocab_size})
+        datasets = build_datasets(cfg, data, env.world_size)
     except ConfigError as err:
         fail(str(err), env.rank)
 
@@ -72,12 +73,18 @@ def main(argv: list[str] | None = None) -> dict:
         if run_dir is not None:
             (run_dir / "config.json").write_text(cfg.to_json() + "\n")
             print(f"run directory: {run_dir.resolve()}", flush=True)
-        trainer = Trainer(cfg, topo, data, device, run_dir, log)
+        trainer = Trainer(cfg, topo, data, device, run_dir, log, datasets=datasets)
         trainer.train()
         return getattr(trainer, "summary", {})
     finally:
         teardown()
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (`megazero-pretrain-gpt`): exit code 0 on success."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -144,6 +144,9 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
 
     g.add_argument("--deepspeed-config", "--deepspeed_config", dest="_ds.config",
                    help="a DeepSpeed ds_config.json (batch sizes, fp16/bf16, optimizer, scheduler, zero_optimization, ...)")
+    for action in p._actions:  # readable --help: "--num-layers NUM_LAYERS", not "MODEL.NUM_LAYERS"
+        if action.option_strings and action.nargs is None and action.metavar is None and action.choices is None:
+            action.metavar = action.dest.split(".")[-1].upper()
     return p
 
 

@@ -62,6 +62,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def group_size(group: ProcessGroup) -> int:
+    assert group is not None, "every collective names its group (no fallback to the world)"
     return dist.get_world_size(group=group)
 
 
@@ -71,7 +72,6 @@ def group_rank(group: ProcessGroup) -> int:
 
 def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum / max / min / avg-as-sum-then-divide) over `group`."""
-    assert group is not None, "every collective names its group (no fallback to the world)"
     if group_size(group) == 1:
         return tensor
     traffic.add("all_reduce", group, _ring(group, 2, _nbytes(tensor)))

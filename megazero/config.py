@@ -117,7 +117,7 @@ class DataConfig:
     data_path: str | None = None  # indexed-dataset prefix; None = default stdlib corpus
     tokenizer_model: str | None = None
     split: str = "969,30,1"
-    default_vocab_size: int = 4096  # tokenizer vocab for the default corpus
+    default_vocab_size: int | None = None  # tokenizer vocab for the default corpus (None: 4096)
     cache_dir: str | None = None
     num_workers: int = 0
 
@@ -334,7 +334,23 @@ class RunConfig:
         validate_schedule(pp, self.virtual_pipeline_size(), self.num_microbatches(world_size))
 
     def _validate_data_paths(self) -> None:
-        d = self.data
+        from megazero.data.gpt_dataset import parse_split
+
+        d, lc = self.data, self.logging
+        parse_split(d.split)  # one-line DataError for a malformed --split
+        if d.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {d.num_workers}")
+        if d.data_path is not None and (d.default_vocab_size is not None or d.cache_dir is not None):
+            raise ConfigError("--vocab-size and --data-cache-dir apply only to the default corpus; drop them when "
+                              "giving --data-path (the tokenizer's vocab comes from --tokenizer-model)")
+        if lc.no_tensorboard and lc.tensorboard_dir:
+            raise ConfigError("--tensorboard-dir with --no-tensorboard: drop one of them")
+        if lc.timeline_out and not Path(lc.timeline_out).resolve().parent.is_dir():
+            raise ConfigError(f"--timeline-out {lc.timeline_out}: folder {Path(lc.timeline_out).resolve().parent} "
+                              f"does not exist; create it or choose another path")
+        if lc.output_dir and (Path(lc.output_dir) / "training_metrics.csv").exists():
+            raise ConfigError(f"--output-dir {lc.output_dir} already holds a run (training_metrics.csv); choose a new "
+                              f"folder (resuming into it arrives with checkpoints)")
         if d.data_path is not None:
             prefix = Path(d.data_path)
             for suffix in (".bin", ".idx"):

@@ -59,9 +59,9 @@ def validate_schedule(pp: int, vp: int, num_microbatches: int) -> None:
             raise ConfigError("interleaved pipeline schedule (vp > 1) needs --pipeline-model-parallel-size > 1")
         if num_microbatches % pp:
             raise ConfigError(
-                f"interleaved pipeline schedule needs the number of microbatches ({num_microbatches} = global batch / "
-                f"(micro batch x dp)) to be a multiple of --pipeline-model-parallel-size {pp}; change "
-                f"--global-batch-size or --micro-batch-size")
+                f"interleaved pipeline schedule needs the number of microbatches ({num_microbatches}) to be a "
+                f"multiple of the pipeline size {pp} (--pipeline-model-parallel-size); in pretrain_gpt.py the "
+                f"microbatches are global batch / (micro batch x dp): change --global-batch-size or --micro-batch-size")
 
 
 def _forward_actions(pp_rank: int, pp: int, vp: int, mb: int, chunk: int) -> list[Action]:

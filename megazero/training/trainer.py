@@ -22,7 +22,7 @@ import torch
 
 from megazero import comm
 from megazero.config import RunConfig
-from megazero.data import build_data_iterator, build_train_valid_test_datasets
+from megazero.data import build_data_iterator
 from megazero.monitor import TrainingMonitor
 from megazero.optim import LRSchedule
 from megazero.optim.clip_grad import counts_toward_norm
@@ -32,7 +32,7 @@ from megazero.pipeline_parallel.p2p import PipelineP2P
 from megazero.pipeline_parallel.schedules import build_plan
 from megazero.random import RNGStreams
 from megazero.topology import Topology, rank_to_coords
-from megazero.training.data_setup import ResolvedData
+from megazero.training.data_setup import ResolvedData, build_datasets
 from megazero.training.model_builder import DTYPES, build_model_chunks
 from megazero.zero.engine import ZeroEngine
 
@@ -55,7 +55,7 @@ def lm_loss(chunk: torch.nn.Module, inputs: torch.Tensor, batch: Microbatch) -> 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, topo: Topology, data: ResolvedData, device: torch.device,
-                 run_dir: Path | None, log: Callable[[str], None]):
+                 run_dir: Path | None, log: Callable[[str], None], datasets: dict | None = None):
         self.cfg, self.topo, self.device, self.log = cfg, topo, device, log
         m, t, o = cfg.model, cfg.training, cfg.optimizer
         self.global_batch = cfg.global_batch_size(topo.world_size)
@@ -69,7 +69,8 @@ class Trainer:
         self.chunks = build_model_chunks(cfg, topo, self.rng, device)
         self.params = [p for p in self.chunks.parameters() if p.requires_grad]
         # Whole-model parameter count: each distinct slice once (before ZeRO-3 shards the storage).
-        count = torch.tensor(float(sum(p.numel() for p in self.params if counts_toward_norm(p, topo.tp_rank))))
+        count = torch.tensor(float(sum(p.numel() for p in self.params if counts_toward_norm(p, topo.tp_rank))),
+                             device=device)  # NCCL groups reduce only device tensors
         comm.all_reduce_(count, topo.model_group)
         self.num_parameters = int(count.item())
         self.zero = ZeroEngine(list(self.chunks), topo, cfg.zero, o, device)
@@ -87,12 +88,7 @@ class Trainer:
         self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or t.train_iters,
                                       o.lr_decay_style, o.lr_warmup_init, o.lr_warmup_style)
 
-        eval_runs = t.train_iters // t.eval_interval + 1
-        train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
-            data.prefix, cfg.data.split, m.seq_length, t.seed,
-            (t.train_iters * self.global_batch, t.eval_iters * self.global_batch * (1 if eval_runs else 0),
-             t.eval_iters * self.global_batch))
-        self.datasets = {"train": train_ds, "valid": valid_ds, "test": test_ds}
+        self.datasets = datasets if datasets is not None else build_datasets(cfg, data, topo.world_size)
         self.consumed_samples = 0
         self.iteration = 0
 
@@ -128,7 +124,7 @@ class Trainer:
     def _batch_mean_loss(self, losses: list[torch.Tensor]) -> float:
         """Mean loss of the global batch on every rank: the last stage holds the microbatch losses
         (summed over the pipeline group so all stages get it), then averaged over DP."""
-        mean = torch.stack(losses).mean().float().cpu() if losses else torch.zeros(())
+        mean = torch.stack(losses).mean().float() if losses else torch.zeros((), device=self.device)
         comm.all_reduce_(mean, self.topo.pp_group, op="sum")
         comm.all_reduce_(mean, self.topo.dp_group, op="avg")
         return mean.item()

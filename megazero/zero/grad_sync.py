@@ -34,7 +34,7 @@ class GradSync:
         self.dp = comm.group_size(dp_group)
         self.overlap, self.embedding_group = overlap, embedding_group
         self.full = stage <= 1
-        self.dtype = grad_dtype
+        self.dtype, self.device = grad_dtype, device
         self.params = [p for b in layout.buckets for p in b.params]
         if self.full:
             self.buffer = torch.zeros(layout.numel, dtype=grad_dtype, device=device)

@@ -46,6 +46,7 @@ class ZeroOptimizer:
         self.grads, self.storage, self.stage = grads, storage, stage
         self.tp_rank, self.dp_group, self.model_group = tp_rank, dp_group, model_group
         self.fragments = layout.fragments_of_rank(dp_rank, whole=stage == 0)
+        self.device = grads.device
         self.values = [storage.owned_values(f) for f in self.fragments]
         # fp32 models step their stored values in place; others keep fp32 master copies
         self.masters = [torch.nn.Parameter(v if v.dtype == torch.float32 else v.detach().float().clone())
@@ -69,7 +70,8 @@ class ZeroOptimizer:
     @torch.no_grad()
     def step(self, lr: float, max_norm: float, loss_scale: float) -> StepResult:
         grads = [self.grads.fragment_grad(f) for f in self.fragments]
-        found_inf = torch.zeros((), dtype=torch.float32)
+        # Scalars live on the gradients' device: NCCL groups reduce only device tensors.
+        found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in grads:
             if not torch.isfinite(g).all():
                 found_inf.fill_(1.0)
@@ -77,10 +79,10 @@ class ZeroOptimizer:
         if self._sum_over_ranks(found_inf, "max").item() > 0:
             return StepResult(float("nan"), skipped=True)
 
-        sq = torch.zeros((), dtype=torch.float32)
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for g, counted in zip(grads, self.counted):
             if counted:
-                sq += g.float().pow(2).sum().cpu()
+                sq += g.float().pow(2).sum()
         norm = self._sum_over_ranks(sq, "sum").sqrt().item() / loss_scale
         coeff = 1.0 / loss_scale
         if max_norm > 0 and max_norm / (norm + 1e-6) < 1.0:

@@ -22,7 +22,7 @@ def run_main(argv, capsys, monkeypatch, world_size=1):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit) as exc:
-        pretrain_gpt.main(argv)
+        pretrain_gpt.run(argv)
     err = capsys.readouterr().err.strip()
     return exc.value.code, err
 
@@ -64,14 +64,37 @@ CASES = [
     (["--vp", "2"], 1, ["interleaved pipeline", "needs --pipeline-model-parallel-size > 1"]),
     (["--pp", "2", "--vp", "3", "--num-layers", "4"], 2, ["--num-layers 4", "is not divisible by pp x vp = 6"]),
     (["--pp", "2", "--vp", "2", "--micro-batch-size", "8", "--global-batch-size", "24"], 2,
-     ["number of microbatches (3", "multiple of --pipeline-model-parallel-size 2"]),
+     ["number of microbatches (3", "multiple of the pipeline size 2"]),
     (["--pp", "2", "--num-layers-per-virtual-pipeline-stage", "3", "--num-layers", "4"], 2,
      ["--num-layers 4 is not divisible by --pp 2 x --num-layers-per-virtual-pipeline-stage 3"]),
     (["--tp", "2", "--pp", "2"], 6, ["world size 6 is not divisible by tensor-parallel size 2 x pipeline-parallel size 2"]),
+    (["--split", "abc"], 1, ["bad --split 'abc'"]),
+    (["--num-workers", "-1"], 1, ["--num-workers must be >= 0"]),
+    (["--timeline-out", "no/such/folder/t.json"], 1, ["--timeline-out no/such/folder/t.json: folder"]),
+    (["--no-tensorboard", "--tensorboard-dir", "tb"], 1, ["--tensorboard-dir with --no-tensorboard"]),
     (["--micro-batch-size", "4", "--gradient-accumulation-steps", "3", "--global-batch-size", "16"], 2,
      ["batch sizes disagree: global batch 16 != micro batch 4 x gradient accumulation 3 x data-parallel size 2 = 24"]),
     (["--data-path", "nowhere/data", "--tokenizer-model", __file__], 1, ["nowhere/data.bin not found"]),
 ]
+
+
+def test_default_corpus_flags_with_data_path(data_copy, capsys, monkeypatch):
+    code, err = run_main(_tiny(data_copy) + ["--vocab-size", "999"], capsys, monkeypatch)
+    assert code == 2 and "--vocab-size and --data-cache-dir apply only to the default corpus" in err
+
+
+def test_split_too_small_for_one_sample_fails_before_start(data_copy, capsys, monkeypatch):
+    code, err = run_main(_tiny(data_copy) + ["--split", "1000000,1,0", "--seq-length", "128"], capsys, monkeypatch)
+    assert code == 2 and len(err.splitlines()) == 1 and "valid" in err, err
+
+
+def test_output_dir_holding_a_run_is_refused(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "old_run"
+    run_dir.mkdir()
+    (run_dir / "training_metrics.csv").write_text("iteration\n1\n")
+    code, err = run_main(["--output-dir", str(run_dir)], capsys, monkeypatch)
+    assert code == 2 and "already holds a run" in err
+    assert (run_dir / "training_metrics.csv").read_text() == "iteration\n1\n"
 
 
 @pytest.mark.parametrize("argv,world_size,needles", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
@@ -129,9 +152,11 @@ def test_tokenizer_vocab_mismatch(data_copy, corpus_dir, tmp_path, capsys, monke
     assert "vocab size 400" in err and "vocab size 512" in err and "--tokenizer-model" in err
 
 
-def test_unknown_flag_is_argparse_error(capsys, monkeypatch):
-    code, err = run_main(["--hiden-size", "64"], capsys, monkeypatch)
-    assert code == 2 and "unrecognized arguments: --hiden-size" in err
+@pytest.mark.parametrize("argv,needle", [(["--hiden-size", "64"], "unrecognized arguments: --hiden-size"),
+                                         (["--zero-stage", "4"], "argument --zero-stage: invalid choice: 4")])
+def test_argparse_errors(argv, needle, capsys, monkeypatch):
+    code, err = run_main(argv, capsys, monkeypatch)
+    assert code == 2 and needle in err
 
 
 def test_error_is_printed_once_across_ranks(tmp_path):

@@ -176,8 +176,8 @@ def test_interleaved_order_golden():
 
 @pytest.mark.parametrize("pp,vp,m,match", [
     (1, 2, 4, "needs --pipeline-model-parallel-size > 1"),   # interleaving without a pipeline
-    (4, 2, 6, "multiple of --pipeline-model-parallel-size 4"),  # interleaved, m % pp != 0
-    (2, 3, 3, "multiple of --pipeline-model-parallel-size 2"),
+    (4, 2, 6, "multiple of the pipeline size 4"),  # interleaved, m % pp != 0
+    (2, 3, 3, "multiple of the pipeline size 2"),
     (4, 1, 0, "microbatches must be >= 1"),
     (4, 2, -4, "microbatches must be >= 1"),
 ])

@@ -25,7 +25,11 @@ RTOL = 1e-5
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+    """Element-wise relative error |a - b| / |b|, with a floor of 1e-2 x max|b| in the denominator so
+    elements that are ~0 by cancellation do not dominate (an atol of 1e-7 x the tensor's scale: fp32
+    sums of many terms in a different order differ by that much)."""
+    b = b.to(a.dtype)
+    return ((a - b).abs() / (b.abs() + 1e-2 * b.abs().max().clamp_min(1e-12))).max().item()
 
 
 def _gather_full(param: torch.Tensor, group) -> torch.Tensor:
@@ -179,7 +183,9 @@ def _check_gpt(tp_group, single_group):
 def _check_rng_streams(tp_group, single_group):
     """Dropout is identical where activations are replicated and distinct where they are sharded:
     the tensor-parallel stream differs per TP rank, the ambient stream does not, and a GPT with
-    dropout on still produces the same (replicated) loss on every TP rank."""
+    dropout on still produces the same replicated hidden states on every TP rank (hidden dropout
+    drawn from a per-rank stream would make them differ; the loss alone could not show it, since
+    the vocab-parallel loss is all-reduced)."""
     tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     rng = RNGStreams(5, tp_rank, 0, torch.device("cpu"))
     ambient = torch.rand(8)
@@ -190,12 +196,16 @@ def _check_rng_streams(tp_group, single_group):
     expected = torch.rand(16)
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=300,
                       make_vocab_size_divisible_by=64, hidden_dropout=0.2, attention_dropout=0.2)
-    model = GPTModel(cfg, tp_group=tp_group, rng=RNGStreams(1, tp_rank, 0, torch.device("cpu")))
+    model = GPTModel(cfg, tp_group=tp_group, rng=RNGStreams(1, tp_rank, 0, torch.device("cpu")),
+                     post_process=False)  # returns the replicated hidden states [b, s, h]
     initialize_parameters(model, seed=21)
     tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(22))
-    loss = model(tokens, tokens).detach()
+    hidden = model(tokens).detach()
+    model.eval()
+    hidden_no_dropout = model(tokens).detach()
     out = {}
-    for name, t in (("ambient", ambient), ("sharded", sharded), ("loss", loss)):
+    out["dropout active"] = not torch.equal(hidden, hidden_no_dropout)
+    for name, t in (("ambient", ambient), ("sharded", sharded), ("hidden", hidden)):
         parts = [torch.empty_like(t) for _ in range(tp)]
         dist.all_gather(parts, t, group=tp_group)
         out[name] = all(torch.equal(parts[0], q) for q in parts[1:])
@@ -232,7 +242,8 @@ def test_dropout_streams_replicated_vs_sharded(tp_results, tp):
         got = per_rank[(tp, "rng streams")]
         assert got["ambient"], "replicated-region dropout stream must match across TP ranks"
         assert not got["sharded"], "sharded-region dropout stream must differ across TP ranks"
-        assert got["loss"], "with dropout on, every TP rank must still compute the same loss"
+        assert got["dropout active"]
+        assert got["hidden"], "with dropout on, replicated hidden states must be identical on every TP rank"
         assert got["ambient continues"], "a fork must not disturb the ambient stream"
 
 
@@ -242,6 +253,10 @@ def test_dropout_streams_replicated_vs_sharded(tp_results, tp):
     "row input_is_parallel=False", "vocab embedding", "vocab cross-entropy", "gather/scatter", "gpt model",
 ])
 def test_component_matches_unsharded(tp_results, tp, component):
+    # Single components: rtol 1e-5 element-wise. The whole 2-block GPT composes several reordered fp32
+    # reductions (TP partial sums at every row-parallel layer), so its element-wise errors compound
+    # (observed up to 1.4e-5): 5e-5 there.
+    rtol = 5 * RTOL if component == "gpt model" else RTOL
     for rank, per_rank in enumerate(tp_results):
         for what, err in per_rank[(tp, component)].items():
-            assert err <= RTOL, f"rank {rank} tp={tp} {component}: {what} rel err {err:.2e}"
+            assert err <= rtol, f"rank {rank} tp={tp} {component}: {what} rel err {err:.2e}"
