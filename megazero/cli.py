@@ -29,6 +29,14 @@ class _OneRankParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """For tools/: usage errors as the project's one-line `error: ...` and exit code 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p = _OneRankParser(
         prog="pretrain_gpt.py", rank=rank, argument_default=argparse.SUPPRESS,

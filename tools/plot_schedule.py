@@ -28,22 +28,15 @@ try:
 except ImportError:  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megazero.cli import OneLineParser
 from megazero.errors import ConfigError
 from megazero.pipeline_parallel.schedules import build_all_plans, validate_schedule
 from megazero.pipeline_parallel.simulate import simulate
 from megazero.pipeline_parallel.timeline import draw_timeline, load_timeline, measured_bubble, simulated_timeline
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as the project's one-line `error: ...` and exit code 2."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(description="Draw a pipeline-parallel schedule (simulated plan or recorded timeline) as PNG.")
+    p = OneLineParser(description="Draw a pipeline-parallel schedule (simulated plan or recorded timeline) as PNG.")
     p.add_argument("--pp", type=int, metavar="P", help="pipeline-parallel size (number of pipeline ranks)")
     p.add_argument("--vp", type=int, metavar="V", help="model chunks per pipeline rank (default 1: plain 1F1B)")
     p.add_argument("--microbatches", type=int, metavar="M", help="microbatches per step")

@@ -32,19 +32,12 @@ from megazero.data.indexed_dataset import bin_path, idx_path
 from megazero.data.preprocess import write_dataset
 from megazero.data.text_input import SPLIT_MODES, check_input_file, is_json_lines, iter_documents
 from megazero.data.tokenizer import Tokenizer, train_tokenizer
+from megazero.cli import OneLineParser
 from megazero.errors import ConfigError
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as the project's one-line `error: ...` and exit code 2."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(description="Tokenize text/JSONL files into a megazero .bin/.idx dataset.")
+    p = OneLineParser(description="Tokenize text/JSONL files into a megazero .bin/.idx dataset.")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="plain-text files, or JSON Lines files (.jsonl/.json) with one document per line")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",

@@ -18,8 +18,6 @@ most `max_chars` characters), fed in file order, with a fixed thread count recor
 from __future__ import annotations
 
 import io
-import os
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import sentencepiece as spm
 
 from megazero.data.text_input import check_input_file, iter_documents
 from megazero.errors import DataError
+from megazero.fileio import atomic_write_bytes
 
 # 256 byte pieces + <unk> + </s> + "\n" are always in the vocabulary; leave room for real merges.
 MIN_VOCAB_SIZE = 320
@@ -123,7 +122,7 @@ def train_tokenizer(input_files: Sequence[Path | str], model_path: Path | str, v
         hint = ("use a smaller --vocab-size or more text" if "ocab" in msg
                 else "check the input text")
         raise DataError(f"{paths[0]}: tokenizer training failed ({msg}); {hint}") from None
-    _write_atomic(model_path, proto.getvalue())
+    atomic_write_bytes(model_path, proto.getvalue())
     return model_path
 
 
@@ -155,19 +154,3 @@ def _training_lines(paths: Sequence[Path], *, json_key: str | None, max_chars: i
             if taken >= share:
                 break
         remaining -= taken
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique sibling name (same filesystem, so os.replace is atomic); plain open() keeps the
-    # user's umask permissions, unlike mkstemp's 0600.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

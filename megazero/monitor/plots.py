@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from megazero.monitor.atomic import atomic_open
+from megazero.fileio import atomic_open
 from megazero.monitor.records import EvalRecord, TrainRecord
 
 CURVES_NAME = "training_curves.png"

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from megazero.monitor.atomic import atomic_open
+from megazero.fileio import atomic_open
 from megazero.monitor.records import EvalRecord, TrainRecord
 
 SUMMARY_NAME = "summary.json"

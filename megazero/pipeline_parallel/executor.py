@@ -23,7 +23,7 @@ from torch.autograd import Variable
 
 from megazero.pipeline_parallel.p2p import PendingSend, PipelineP2P
 from megazero.pipeline_parallel.partition import virtual_stage
-from megazero.pipeline_parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
+from megazero.pipeline_parallel.schedules import (FORWARD, RECV_ACT, SEND_ACT, SEND_GRAD,
                                                   Action)
 
 Microbatch = dict[str, torch.Tensor]

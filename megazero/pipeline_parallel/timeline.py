@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from megazero.errors import ConfigError
+from megazero.fileio import atomic_open, atomic_write_bytes
 from megazero.pipeline_parallel.schedules import BACKWARD, FORWARD
 from megazero.pipeline_parallel.simulate import SimulationResult
 
@@ -147,7 +146,7 @@ def save_timeline(timeline: dict, path: str | os.PathLike) -> None:
             for rank in timeline["ranks"]]
     data = validate_timeline(timeline)
     text = json.dumps(data, indent=1)
-    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def draw_timeline(timeline: dict, out_path: str | os.PathLike, title: str, *, xlabel: str = "time (s)",
@@ -217,7 +216,8 @@ def draw_timeline(timeline: dict, out_path: str | os.PathLike, title: str, *, xl
               [Patch(facecolor="#e6e6e6", label="idle")]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 9), fontsize=8, frameon=False)
 
-    _atomic_write(Path(out_path), lambda f: fig.savefig(f, format="png"))
+    with atomic_open(Path(out_path), "wb") as f:
+        fig.savefig(f, format="png")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -283,18 +283,3 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     if cur_e is not None:
         total += cur_e - cur_s
     return total
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(binary file)` to a temp file beside `path`, fsync, then os.replace it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # open(), not mkstemp: the result keeps the user's umask permissions
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

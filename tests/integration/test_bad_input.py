@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import pretrain_gpt
-from megazero.data import Tokenizer, iter_documents, train_tokenizer
+from megazero.data import Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,6 @@ small MLPs (so only the schedule machinery is under test; the GPT is covered by 
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megazero.pipeline_parallel.executor import PipelineExecutor

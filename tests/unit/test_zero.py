@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megazero.config import OptimizerConfig, ZeroConfig

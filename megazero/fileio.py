@@ -1,7 +1,8 @@
 """Atomic file replacement: write to a temp file beside the target, fsync, then `os.replace`.
 
-A reader (or a crash) sees either the old complete file or the new complete one, never a torn
-`summary.json` or half a PNG.
+Every file megazero writes for users goes through here (summary.json, PNGs, tokenizer models,
+timelines, ...): a reader (or a crash) sees either the old complete file or the new complete one,
+never a torn file.
 """
 
 from __future__ import annotations
@@ -36,3 +37,11 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (creating its folder if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        f.write(data)
