@@ -10,8 +10,6 @@ Flags follow Megatron-LM (`python pretrain_gpt.py --help`). Bad input ends with 
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import sys
 from pathlib import Path
 
