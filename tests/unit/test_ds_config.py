@@ -433,6 +433,46 @@ def test_accepted_and_refused_values(tmp_path, obj, ok):
         assert "not supported" in error(tmp_path, obj) or "must be" in error(tmp_path, obj)
 
 
+@pytest.mark.parametrize("comm,precision,expected", [
+    (None, {}, "fp32"), ("auto", {}, "fp32"), ("fp32", {}, "fp32"), ("float32", {"bf16": {"enabled": True}}, "fp32"),
+    ("FP32", {}, "fp32"), ("bf16", {"bf16": {"enabled": True}}, "model"),
+    ("bfloat16", {"bfloat16": {"enabled": True}}, "model"), ("fp16", {"fp16": {"enabled": True}}, "model"),
+    ("float16", {"fp16": {"enabled": True}}, "model"), ("BF16", {"bf16": {"enabled": True}}, "model"),
+])
+def test_communication_data_type_maps_to_grad_reduce_dtype(tmp_path, comm, precision, expected):
+    cfg = load(tmp_path, {"communication_data_type": comm} | precision)
+    assert cfg.zero.grad_reduce_dtype == expected
+    cfg.validate(world_size=1)
+
+
+def test_communication_data_type_with_flags(tmp_path):
+    # The model dtype may come from --bf16 / --fp16; null and "auto" leave --grad-reduce-dtype alone.
+    path = write(tmp_path, {"communication_data_type": "bf16"})
+    assert parse_args(["--deepspeed-config", str(path), "--bf16"]).zero.grad_reduce_dtype == "model"
+    cfg = parse_args(["--deepspeed-config", str(path), "--bf16", "--grad-reduce-dtype", "model"])
+    assert cfg.zero.grad_reduce_dtype == "model"
+    for comm in (None, "auto"):
+        assert load(tmp_path, {"communication_data_type": comm},
+                    {"zero": {"grad_reduce_dtype": "model"}}).zero.grad_reduce_dtype == "model"
+    # A flag that disagrees with the file is an error, as for every other field.
+    assert error(tmp_path, {"communication_data_type": "bf16", "bf16": {"enabled": True}},
+                 {"zero": {"grad_reduce_dtype": "fp32"}}).startswith(
+        '--grad-reduce-dtype "fp32" disagrees with ds_config.json communication_data_type "bf16"')
+    assert error(tmp_path, {"communication_data_type": "fp32"}, {"zero": {"grad_reduce_dtype": "model"}}).startswith(
+        '--grad-reduce-dtype "model" disagrees with ds_config.json communication_data_type "fp32"')
+
+
+@pytest.mark.parametrize("comm,precision,cli,model", [
+    ("fp16", {"bf16": {"enabled": True}}, None, "bf16"), ("bf16", {"fp16": {"enabled": True}}, None, "fp16"),
+    ("bf16", {}, None, "fp32"), ("fp16", {"bf16": {"enabled": False}}, None, "fp32"),
+    ("bf16", {}, {"precision": {"params_dtype": "fp16"}}, "fp16"), ("int8", {"bf16": {"enabled": True}}, None, "bf16"),
+])
+def test_communication_data_type_other_than_fp32_or_the_model_dtype(tmp_path, comm, precision, cli, model):
+    msg = error(tmp_path, {"communication_data_type": comm} | precision, cli)
+    assert msg.startswith(f'ds_config.json: communication_data_type "{comm}" is not supported with model dtype '
+                          f'{model}: megazero reduces gradients in fp32 or in the model dtype'), msg
+
+
 def test_every_accepted_key_is_documented():
     doc = DOC.read_text()
 
