@@ -167,10 +167,10 @@ def _communication(ds: dict, m: Merge) -> None:
     f = m.fname
     if "prescale_gradients" in ds:
         only(f, "prescale_gradients", ds["prescale_gradients"], (False,),
-              "megazero averages gradients after the reduction (fp32 buffers)")
+              "megazero averages gradients after the reduction")
     if "gradient_predivide_factor" in ds:
         only(f, "gradient_predivide_factor", ds["gradient_predivide_factor"], (1, 1.0),
-              "megazero averages gradients after the reduction (fp32 buffers)")
+              "megazero averages gradients after the reduction")
     v = ds.get("communication_data_type")
     if not given(v):
         return  # null: megazero's default (fp32) or --grad-reduce-dtype; "auto": the same
