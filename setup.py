@@ -26,6 +26,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "transformers"],
+        # bench/vs_peers.py's peer (torch DDP and FSDP2 come with torch). Install without compiling
+        # DeepSpeed's ops: DS_BUILD_OPS=0 pip install -e '.[bench]'; on CPU it runs with gloo.
+        "bench": ["deepspeed>=0.15"],
     },
     entry_points={
         "console_scripts": [

@@ -110,8 +110,9 @@ def report(dp: int, per_rank: list[dict], cases, args) -> list[str]:
     nbytes = 2  # bf16 elements
     positions = sorted({r[cases[0]]["coords"][0::2] for r in per_rank})
     others = {}
-    print(f"\n dp N={dp} (bytes sent per rank per step over the dp group, MiB; ring volumes)")
-    print(f" {'stage':<6}{'m':>3}{'pp,tp':>6}{'reduce-sc':>11}{'all-gather':>11}{'all-reduce':>11}{'measured':>11}"
+    print(f"\n dp N={dp} (bytes sent per rank per step over the dp group, MiB unless B; ring volumes; the stage 1-3 "
+          f"all-reduces are the fp32 scalars)")
+    print(f" {'stage':<6}{'m':>3}{'pp,tp':>6}{'reduce-sc':>11}{'all-gather':>11}{'all-reduce B':>14}{'measured':>11}"
           f"{'paper':>15}{'paper MiB':>11}{'meas/paper':>11}{'<=2%':>6}{'exact MiB':>11}{'meas-exact B':>14}")
     for stage, accum in cases:
         for pos in positions:
@@ -135,7 +136,7 @@ def report(dp: int, per_rank: list[dict], cases, args) -> list[str]:
             if not ok:
                 misses.append(f"dp{dp} stage {stage} accumulation {accum}: measured/paper {measured / t:.4f}")
             print(f" {stage:<6}{accum:>3}{f'{pos[0]},{pos[1]}':>6}{mib(dp_bytes.get('reduce_scatter', 0)):>11}"
-                  f"{mib(dp_bytes.get('all_gather', 0)):>11}{mib(dp_bytes.get('all_reduce', 0)):>11}{mib(measured):>11}"
+                  f"{mib(dp_bytes.get('all_gather', 0)):>11}{dp_bytes.get('all_reduce', 0):>14,.0f}{mib(measured):>11}"
                   f"{formula:>15}{mib(t):>11}{measured / t:>11.5f}{'yes' if ok else 'NO':>6}{mib(e):>11}"
                   f"{measured - e:>14.1f}")
             if accum > 1 and stage in (2, 3):

@@ -80,12 +80,13 @@ LAUNCHES = {
        + [l._replace(zero=z) for z in (1, 2, 3) for l in ZERO_LAYOUTS[8]],
 }
 # Mixed precision vs the fp32 reference. Tolerances are empirical with margin, per 12 steps of this
-# model: bf16 (8-bit mantissa) observed <= 1.1e-4 relative loss difference -> 1e-3; fp16 (11-bit
-# mantissa, loss scale 2^16) observed <= 1.2e-5 -> 1e-4. Grad norms: 5x the loss tolerance.
+# model: bf16 (8-bit mantissa) observed <= 1.1e-4 relative loss and 3.7e-3 grad-norm difference ->
+# 1e-3 / 1.5e-2; fp16 (11-bit mantissa, loss scale 2^16) observed <= 1.2e-5 / 1.8e-4 -> 1e-4 / 1e-3.
 MIXED = [L(zero=0, dtype="bf16"), L(zero=2, dtype="bf16"), L(zero=1, dtype="fp16"), L(zero=3, dtype="fp16"),
          L(pp=2, dtype="bf16")]
 LAUNCHES[2] = LAUNCHES[2] + MIXED
-MIXED_RTOL = {"bf16": 1e-3, "fp16": 1e-4}
+MIXED_RTOL = {"bf16": 1e-3, "fp16": 1e-4}  # loss
+MIXED_NORM_RTOL = {"bf16": 1.5e-2, "fp16": 1e-3}  # grad norm
 REFERENCE = (1, L())
 
 
@@ -121,7 +122,7 @@ def test_layout_matches_single_process(histories, key):
     assert len(got) == len(reference) == STEPS
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, reference), start=1):
         assert loss == pytest.approx(ref_loss, rel=rtol), f"step {step} loss {loss} vs {ref_loss}"
-        norm_rtol = rtol if rtol == RTOL else 5 * rtol
+        norm_rtol = MIXED_NORM_RTOL.get(key[1].dtype, RTOL)
         assert norm == pytest.approx(ref_norm, rel=norm_rtol), f"step {step} grad norm {norm} vs {ref_norm}"
 
 
