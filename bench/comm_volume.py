@@ -43,7 +43,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zero_memory import add_model_args, bench_config, build_trainer, dataset, init_gloo, psi_of, spawn  # noqa: E402
+from zero_memory import (
+    add_model_args,
+    bench_config,
+    build_trainer,
+    dataset,
+    init_gloo,
+    psi_of,
+    spawn,
+)
 
 TARGET = 0.02
 SCALAR = 4  # bytes of each fp32 scalar all-reduce over dp

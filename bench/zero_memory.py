@@ -40,8 +40,14 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megazero.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, TrainingConfig  # noqa: E402
-from megazero.topology import GridShape, Topology  # noqa: E402
+from megazero.config import (
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    TrainingConfig,
+)
+from megazero.topology import GridShape, Topology
 
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 TARGET = 0.05
@@ -198,7 +204,6 @@ def mib(x: float) -> str:
 
 def report(dp: int, per_rank: list[dict], cases, args) -> list[str]:
     misses = []
-    first = per_rank[0][cases[0]]
     positions = sorted({r[cases[0]]["coords"][0::2] for r in per_rank})  # (pp_rank, tp_rank)
     for grad_reduce in ("model", "fp32"):
         title = ("bf16 params + bf16 gradients (--bf16 --grad-reduce-dtype model): the paper's mixed precision"
@@ -249,8 +254,8 @@ def main() -> None:
                 psi = per_rank[0][cases[0]]["psi"]
                 h = args.hidden
                 blocks = args.layers * (12 * h * h + 13 * h) // (args.tp * args.pp)
-                print(f"ZeRO model-state bytes per rank after one step (ZeroEngine.memory_bytes(): params + grads + "
-                      f"optimizer), bf16 model, fp32 master weights + AdamW moments")
+                print("ZeRO model-state bytes per rank after one step (ZeroEngine.memory_bytes(): params + grads + "
+                      "optimizer), bf16 model, fp32 master weights + AdamW moments")
                 print(f"GPT {args.layers} layers x hidden {args.hidden}, vocab {args.vocab}, seq {args.seq}; "
                       f"tp={args.tp} pp={args.pp}; Ψ = {psi:,} parameters on rank 0"
                       f"{f' (transformer blocks ~{100 * blocks / psi:.1f}%)' if args.tp == args.pp == 1 else ''}; "

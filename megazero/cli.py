@@ -60,9 +60,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--zero-stage", dest="zero.stage", type=int, choices=[0, 1, 2, 3],
                    help="0: all-reduce grads; 1: shard optimizer state; 2: + gradients; 3: + parameters (default 0)")
     g.add_argument("--ddp-bucket-size", "--reduce-bucket-size", dest="zero.reduce_bucket_size", type=int,
-                   help="gradient bucket size in elements (default 25M)")
-    g.add_argument("--allgather-bucket-size", dest="zero.allgather_bucket_size", type=int,
-                   help="parameter all-gather bucket size in elements (default 25M)")
+                   help="gradient bucket size in elements (default 6.25M)")
     g.add_argument("--grad-reduce-dtype", dest="zero.grad_reduce_dtype", choices=["fp32", "model"],
                    help="accumulate and reduce gradients in fp32 (default) or in the model dtype (bf16/fp16)")
     g.add_argument("--no-overlap-comm", dest="zero.overlap_comm", action="store_false",

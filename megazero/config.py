@@ -82,8 +82,9 @@ class ZeroConfig:
     master weights; 2 = also gradients; 3 = also parameters. Sizes are in elements."""
 
     stage: int = 0
-    reduce_bucket_size: int = 25_000_000  # gradient bucket (reduce / reduce-scatter unit)
-    allgather_bucket_size: int = 25_000_000  # parameter all-gather unit after the step (stages 1, 2)
+    # Gradient bucket (reduce / reduce-scatter unit): 6.25M elements = torch DDP's 25 MB in fp32, small
+    # enough that reductions start while backward is still running on mid-sized models.
+    reduce_bucket_size: int = 6_250_000
     overlap_comm: bool = True  # reduce buckets during backward; gather parameters ahead of use
     # Gradient accumulation / reduction dtype: fp32 (Megatron's default for bf16; exact sums) or the
     # model's dtype (DeepSpeed's default; half the gradient memory and reduce traffic in bf16/fp16).
@@ -92,7 +93,6 @@ class ZeroConfig:
     offload_optimizer: str = "none"  # none | cpu | nvme (arrives with the offload issue)
     offload_param: str = "none"  # none | cpu (arrives with the offload issue)
     offload_nvme_path: str | None = None
-    sub_group_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -304,8 +304,8 @@ class RunConfig:
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {z.stage}")
         if z.grad_reduce_dtype not in ("fp32", "model"):
             raise ConfigError(f"--grad-reduce-dtype must be fp32 or model, got {z.grad_reduce_dtype!r}")
-        if z.reduce_bucket_size < 1 or z.allgather_bucket_size < 1:
-            raise ConfigError("ZeRO bucket sizes must be >= 1 element")
+        if z.reduce_bucket_size < 1:
+            raise ConfigError(f"--ddp-bucket-size must be >= 1 element, got {z.reduce_bucket_size}")
         if z.offload_optimizer != "none" or z.offload_param != "none":
             raise ConfigError(
                 f"optimizer/parameter offload ({z.offload_optimizer}/{z.offload_param}) arrives with the offload "

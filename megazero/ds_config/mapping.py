@@ -92,7 +92,10 @@ def _zero(ds: dict, m: Merge) -> None:
         if given(v):
             if v < 1:
                 raise ConfigError(f"{f}: zero_optimization.{key} must be >= 1 element, got {v}")
-            m.set(f"zero.{key}", v, f"zero_optimization.{key} {fmt(v)}")
+            # allgather_bucket_size: accepted, no effect: parameters are gathered per gradient bucket
+            # (reduce_bucket_size). sub_group_size: for NVMe offload (its issue); no effect until then.
+            if key == "reduce_bucket_size":
+                m.set(f"zero.{key}", v, f"zero_optimization.{key} {fmt(v)}")
     if given(z.get("overlap_comm")):
         m.set("zero.overlap_comm", z["overlap_comm"], f"zero_optimization.overlap_comm {fmt(z['overlap_comm'])}")
     if z.get("cpu_offload") is True:  # DeepSpeed's deprecated spelling of offload_optimizer.device cpu

@@ -242,6 +242,7 @@ class Trainer:
             if record.iteration % t.log_interval == 0 or record.iteration % t.eval_interval == 0:
                 # throughput intervals start after logging / evaluation, so they measure training only
                 interval_start, interval_iters = time.perf_counter(), 0
+        self.zero.wait()  # no parameter gather may outlive training (teardown, checkpoints)
         if timeline_out:
             self._save_timeline(Path(timeline_out), timeline_events)
         test = self.evaluate("test")

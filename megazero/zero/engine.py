@@ -80,6 +80,11 @@ class ZeroEngine:
     def release_params(self) -> None:
         self.storage.release_all()
 
+    def wait(self) -> None:
+        """Finish every collective still in flight (the post-step parameter gather): call before
+        reading parameters outside a forward (checkpoints, evaluation tools) and before teardown."""
+        self.storage.wait_gathers()
+
     def memory_bytes(self) -> dict[str, int]:
         """Model-state bytes this rank holds between steps."""
         return {"params": self.storage.nbytes(), "grads": self.grads.nbytes(), "optimizer": self.optimizer.nbytes()}

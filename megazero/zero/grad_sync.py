@@ -46,6 +46,7 @@ class GradSync:
             self.shards = {b.index: torch.zeros(b.numel // self.dp, dtype=grad_dtype, device=device)
                            for b in layout.buckets}
             self._staging: dict[int, torch.Tensor] = {}
+            self._spare: dict[int, list[torch.Tensor]] = {}  # recycled staging buffers by size
         self._count = [0] * len(layout.buckets)
         self._launched = [False] * len(layout.buckets)
         # (bucket, collective handle, reduce-scatter output, input kept alive until the handle completes)
@@ -83,7 +84,8 @@ class GradSync:
         else:
             staging = self._staging.get(b.index)
             if staging is None:
-                staging = self._staging[b.index] = torch.zeros(b.numel, dtype=self.dtype, device=p.grad.device)
+                self._reclaim(b.index)  # this bucket's previous microbatch must be reduced first
+                staging = self._staging[b.index] = self._fresh_staging(b.numel)
             lo, hi = self.layout.range_of[id(p)]
             staging[lo - b.start:hi - b.start].add_(p.grad.reshape(-1))
             p.grad = None
@@ -93,6 +95,38 @@ class GradSync:
         per_launch = len(b.params) * (self.num_microbatches if self.full else 1)
         if self.overlap and self._count[b.index] % per_launch == 0:
             self._launch(b)
+
+    def _fresh_staging(self, numel: int) -> torch.Tensor:
+        spare = self._spare.get(numel)
+        if spare:
+            return spare.pop().zero_()
+        return torch.zeros(numel, dtype=self.dtype, device=self.device)
+
+    def _complete(self, entry) -> None:
+        """Wait for one pending reduction and fold its result into the gradient storage."""
+        b, work, out, staging = entry
+        if work is not None:
+            work.wait()
+        lo, hi = b.shard(self.dp_rank, self.dp)
+        if self.stage == 0:
+            self.buffer[b.start:b.end].div_(self.dp)
+        elif self.stage == 1:
+            self.buffer[lo:hi].copy_(out).div_(self.dp)
+        else:
+            self.shards[b.index].add_(out, alpha=1.0 / self.dp)
+            self._spare.setdefault(staging.numel(), []).append(staging)
+
+    def _reclaim(self, bucket: int | None = None) -> None:
+        """Complete finished reductions (and, for `bucket`, its unfinished one) so staging buffers are
+        recycled: at stages 2-3 only the buckets actually in flight hold full-size gradients."""
+        keep = []
+        for entry in self._pending:
+            work = entry[1]
+            if entry[0].index == bucket or work is None or work.is_completed():
+                self._complete(entry)
+            else:
+                keep.append(entry)
+        self._pending = keep
 
     def _launch(self, b: Bucket) -> None:
         if self.full:
@@ -118,16 +152,8 @@ class GradSync:
                 self._launch(b)
             elif not self.full and b.index in self._staging:
                 self._launch(b)
-        for b, work, out, _ in self._pending:
-            if work is not None:
-                work.wait()
-            lo, hi = b.shard(self.dp_rank, self.dp)
-            if self.stage == 0:
-                self.buffer[b.start:b.end].div_(self.dp)
-            elif self.stage == 1:
-                self.buffer[lo:hi].copy_(out).div_(self.dp)
-            else:
-                self.shards[b.index].add_(out, alpha=1.0 / self.dp)
+        for entry in self._pending:
+            self._complete(entry)
         self._pending.clear()
         if self.embedding_group is not None:
             for b in self.layout.buckets:

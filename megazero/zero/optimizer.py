@@ -62,7 +62,9 @@ class ZeroOptimizer:
             if groups else None
 
     def _sum_over_ranks(self, value: torch.Tensor, op: str) -> torch.Tensor:
-        if self.stage > 0:  # shards are distinct over dp; at stage 0 every dp replica holds the same
+        # Shards are distinct over dp; at stage 0 every dp replica holds the same reduced gradient
+        # (an inf anywhere reached every replica through the all-reduce), so tp x pp suffices.
+        if self.stage > 0:
             comm.all_reduce_(value, self.dp_group, op=op)
         comm.all_reduce_(value, self.model_group, op=op)
         return value
@@ -70,20 +72,20 @@ class ZeroOptimizer:
     @torch.no_grad()
     def step(self, lr: float, max_norm: float, loss_scale: float) -> StepResult:
         grads = [self.grads.fragment_grad(f) for f in self.fragments]
+        # One pass, one all-reduce for both questions: [sum of g^2 over everything this rank owns
+        # (inf/NaN iff some element is), sum of g^2 over the elements that count toward the norm].
         # Scalars live on the gradients' device: NCCL groups reduce only device tensors.
-        found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in grads:
-            if not torch.isfinite(g).all():
-                found_inf.fill_(1.0)
-                break
-        if self._sum_over_ranks(found_inf, "max").item() > 0:
-            return StepResult(float("nan"), skipped=True)
-
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        sums = torch.zeros(2, dtype=torch.float32, device=self.device)
         for g, counted in zip(grads, self.counted):
+            sq = g.float().pow(2).sum()
+            sums[0] += sq
             if counted:
-                sq += g.float().pow(2).sum()
-        norm = self._sum_over_ranks(sq, "sum").sqrt().item() / loss_scale
+                sums[1] += sq
+        sums[0] = 0.0 if torch.isfinite(sums[0]) else 1.0
+        everything, counted_sq = self._sum_over_ranks(sums, "sum").tolist()
+        if everything > 0:
+            return StepResult(float("nan"), skipped=True)
+        norm = counted_sq ** 0.5 / loss_scale
         coeff = 1.0 / loss_scale
         if max_norm > 0 and max_norm / (norm + 1e-6) < 1.0:
             coeff *= max_norm / (norm + 1e-6)
