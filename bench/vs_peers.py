@@ -171,7 +171,7 @@ def make_step(framework: str, stage: int, cfg, world: int, rank: int, prefix, to
             "gradient_clipping": clip,
             "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
                                   "reduce_bucket_size": cfg.zero.reduce_bucket_size,
-                                  "allgather_bucket_size": cfg.zero.allgather_bucket_size},
+                                  "allgather_bucket_size": cfg.zero.reduce_bucket_size},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,

@@ -77,7 +77,7 @@ class ZeroOptimizer:
         # Scalars live on the gradients' device: NCCL groups reduce only device tensors.
         sums = torch.zeros(2, dtype=torch.float32, device=self.device)
         for g, counted in zip(grads, self.counted):
-            sq = g.float().pow(2).sum()
+            sq = torch.linalg.vector_norm(g, dtype=torch.float32).square()  # no full-size temporary
             sums[0] += sq
             if counted:
                 sums[1] += sq
