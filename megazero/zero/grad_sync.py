@@ -155,6 +155,8 @@ class GradSync:
         for entry in self._pending:
             self._complete(entry)
         self._pending.clear()
+        if not self.full:
+            self._spare.clear()  # recycle within a step only: between steps stages 2-3 hold shards alone
         if self.embedding_group is not None:
             for b in self.layout.buckets:
                 if any(getattr(p, "own_bucket", False) for p in b.params):
