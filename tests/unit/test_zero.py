@@ -66,12 +66,13 @@ def dyadic_grads(model: nn.Module, rank: int, step: int, micro: int) -> dict[int
 _shape = {n: p.shape for n, p in TinyModel().named_parameters()}
 
 
-def _zero_vs_adamw(rank, world, stages):
+def _zero_vs_adamw(rank, world, stages, overlap=True):
     topo = Topology.build(GridShape(world), rank)
     results = {}
     for stage in stages:
         model = TinyModel()
-        zero = ZeroEngine([model], topo, ZeroConfig(stage=stage, reduce_bucket_size=100), OPT, torch.device("cpu"))
+        zero = ZeroEngine([model], topo, ZeroConfig(stage=stage, reduce_bucket_size=100, overlap_comm=overlap), OPT,
+                          torch.device("cpu"))
         for step in range(3):  # three steps, two microbatches each
             zero.start_step(2)
             for micro in range(2):
@@ -107,13 +108,16 @@ def _reference(world: int):
 
 @pytest.fixture(scope="module")
 def zero_results():
-    return {world: run_distributed(_zero_vs_adamw, world, (0, 1, 2, 3)) for world in (2, 4)}
+    results = {world: run_distributed(_zero_vs_adamw, world, (0, 1, 2, 3)) for world in (2, 4)}
+    # --no-overlap-comm: every bucket reduced after backward (stages 2-3 accumulate microbatches first)
+    results["no-overlap"] = run_distributed(_zero_vs_adamw, 2, (0, 1, 2, 3), False)
+    return results
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, "no-overlap"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_step_equals_adamw_on_full_parameters(zero_results, world, stage):
-    ref_params, ref_norm = _reference(world)
+    ref_params, ref_norm = _reference(2 if world == "no-overlap" else world)
     for rank, per_rank in enumerate(zero_results[world]):
         got = per_rank[stage]
         assert got["norm"] == pytest.approx(ref_norm, rel=1e-6)
