@@ -94,6 +94,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", dest="model.attention_dropout", type=float, help="default 0.1")
     g.add_argument("--init-method-std", dest="model.init_method_std", type=float, help="default 0.02")
     g.add_argument("--layernorm-epsilon", dest="model.layernorm_epsilon", type=float, help="default 1e-5")
+    g.add_argument("--no-fused-kernels", dest="model.fused_kernels", action="store_false",
+                   help="use the pure-PyTorch reference ops instead of the fused CUDA kernels")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", dest="training.micro_batch_size", type=int, help="default 8")

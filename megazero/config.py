@@ -30,6 +30,7 @@ class ModelConfig:
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
     layernorm_epsilon: float = 1e-5
+    fused_kernels: bool = True  # fused CUDA norms where built and applicable (--no-fused-kernels: reference)
 
     @property
     def ffn_size(self) -> int:

@@ -90,9 +90,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         # GPT-2 / Megatron: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
         output_init = normal_init(cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers))
-        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device)
+        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device, cfg.fused_kernels)
         self.attention = SelfAttention(cfg, tp_group, rng, output_init, dtype, device)
-        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device)
+        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device,
+                                                  cfg.fused_kernels)
         self.mlp = MLP(cfg, tp_group, output_init, dtype, device)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -136,7 +137,7 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, tp_group, rng, dtype, device) for i in layer_range})
         if post_process:
-            self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device)
+            self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device, cfg.fused_kernels)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)

@@ -1,25 +1,47 @@
-"""Normalisation layers (replicated on every TP rank). Issue 'megatron_kernels' swaps in fused kernels
-behind the same parameter names."""
+"""Normalisation layers (replicated on every TP rank), computed through megazero.ops: the fused CUDA
+kernel where it can serve the call, else the pure-PyTorch reference. Parameter names (weight, bias),
+shapes, inits and checkpoint layout are the same on both paths."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megazero import ops
 from megazero.tensor_parallel.init import constant_init, set_init
 
 
 class LayerNorm(nn.Module):
-    """nn.LayerNorm's math and parameter names (weight, bias); params carry layout-invariant inits."""
+    """nn.LayerNorm's math and parameter names (weight, bias); params carry layout-invariant inits.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, dtype=torch.float32, device=None):
+    use_fused: try the fused CUDA kernel (megazero.ops dispatch; the model passes
+    ModelConfig.fused_kernels, i.e. False under --no-fused-kernels)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, dtype=torch.float32, device=None,
+                 use_fused: bool = True):
         super().__init__()
         self.eps = eps
+        self.use_fused = use_fused
         self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device))
         set_init(self.weight, constant_init(1.0))
         set_init(self.bias, constant_init(0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, use_fused=self.use_fused)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Llama-style blocks): x * rsqrt(mean(x^2) + eps) * weight; one parameter, `weight`
+    (init 1), the name Megatron and Hugging Face Llama use."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, dtype=torch.float32, device=None,
+                 use_fused: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.use_fused = use_fused
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device))
+        set_init(self.weight, constant_init(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, use_fused=self.use_fused)
