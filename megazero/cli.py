@@ -142,6 +142,10 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--output-dir", dest="logging.output_dir", help="run directory (default output/run-<time>)")
     g.add_argument("--tensorboard-dir", dest="logging.tensorboard_dir", help="default <output-dir>/tensorboard")
     g.add_argument("--no-tensorboard", dest="logging.no_tensorboard", action="store_true")
+    g.add_argument("--wall-clock-breakdown", dest="logging.wall_clock_breakdown", action="store_true",
+                   help="time forward-backward, gradient sync and optimizer per step (console + TensorBoard)")
+    g.add_argument("--no-csv", dest="logging.no_csv", action="store_true",
+                   help="do not write training_metrics.csv / validation_metrics.csv")
     g.add_argument("--log-memory", dest="logging.log_memory", action="store_true",
                    help="per-rank bytes in parameters, gradients and optimizer state")
     g.add_argument("--log-comm", dest="logging.log_comm", action="store_true",

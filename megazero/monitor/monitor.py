@@ -58,7 +58,9 @@ class TrainingMonitor:
         enabled: bool,
         total_iters: int,
         log: Callable[[str], None] = print,
+        csv: bool = True,
     ) -> None:
+        """csv=False (DeepSpeed's csv_monitor disabled) skips training_metrics.csv / validation_metrics.csv."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.total_iters = int(total_iters)
@@ -74,8 +76,9 @@ class TrainingMonitor:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._train_csv = MetricsCsv(self.run_dir / TRAIN_CSV_NAME, TRAIN_COLUMNS)
-        self._eval_csv = MetricsCsv(self.run_dir / VALIDATION_CSV_NAME, VALIDATION_COLUMNS)
+        if csv:
+            self._train_csv = MetricsCsv(self.run_dir / TRAIN_CSV_NAME, TRAIN_COLUMNS)
+            self._eval_csv = MetricsCsv(self.run_dir / VALIDATION_CSV_NAME, VALIDATION_COLUMNS)
         if tensorboard_dir is not None:
             self._tb = TensorBoardWriter(Path(tensorboard_dir))
 
@@ -107,8 +110,8 @@ class TrainingMonitor:
             tokens_per_sec=float(tokens_per_sec),
         )
         self._train.append(r)
-        assert self._train_csv is not None
-        self._train_csv.write(r)
+        if self._train_csv is not None:
+            self._train_csv.write(r)
         if self._tb is not None:
             self._tb.add_train(r)
         self._log(
@@ -142,8 +145,8 @@ class TrainingMonitor:
         loss = float(lm_loss)
         r = EvalRecord(iteration=int(iteration), lm_loss=loss, ppl=perplexity(loss))
         self._evals.append(r)
-        assert self._eval_csv is not None
-        self._eval_csv.write(r)
+        if self._eval_csv is not None:
+            self._eval_csv.write(r)
         if self._tb is not None:
             self._tb.add_eval(r)
         for line in format_eval_block(r.iteration, lm_loss=r.lm_loss, ppl=r.ppl):

@@ -102,7 +102,8 @@ class Trainer:
         self.monitor = TrainingMonitor(
             run_dir or Path("."), tensorboard_dir=self._tensorboard_dir(run_dir), config=cfg.to_dict(),
             enabled=run_dir is not None and topo.rank == topo.world_size - 1, total_iters=t.train_iters,
-            log=print)
+            log=print, csv=not cfg.logging.no_csv)
+        self.phase_ms: dict[str, float] = {}  # --wall-clock-breakdown: this step's phase times
         self.log_writer = print if topo.rank == topo.world_size - 1 else (lambda _: None)
 
     def _tensorboard_dir(self, run_dir: Path | None) -> Path | None:
@@ -133,11 +134,15 @@ class Trainer:
     def train_step(self, batches: Iterator[Microbatch]) -> StepRecord:
         self.chunks.train()
         scale = self.scaler.scale
+        clock = self._phase_clock()
         self.zero.start_step(self.num_microbatches)
         losses = self.executor.run(self.train_plan, self._next_microbatches(batches), lm_loss, grad_scale=scale)
+        clock("forward-backward")
         self.zero.finish_grad_sync()
+        clock("grad-sync")
         lr = self.lr_schedule.lr_at(self.optimizer_steps + 1)
         result = self.zero.step(lr, self.cfg.optimizer.clip_grad, scale)
+        clock("optimizer")
         self.scaler.update(result.skipped)
         self.iteration += 1
         self.consumed_samples += self.global_batch
@@ -169,6 +174,21 @@ class Trainer:
             losses += self.executor.run(self.eval_plan, self._next_microbatches(batches), lm_loss, forward_only=True)
         self.zero.release_params()
         return self._batch_mean_loss(losses)
+
+    def _phase_clock(self) -> Callable[[str], None]:
+        """--wall-clock-breakdown: returns clock(name), which records the ms since the previous call
+        (synchronising CUDA so a phase's kernels count in that phase); a no-op otherwise."""
+        if not self.cfg.logging.wall_clock_breakdown:
+            return lambda name: None
+        last = [time.perf_counter()]
+
+        def clock(name: str) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            self.phase_ms[name] = 1000.0 * (now - last[0])
+            last[0] = now
+        return clock
 
     def _log_accounting(self, iteration: int, comm_bytes: dict) -> None:
         """--log-memory / --log-comm: every rank's numbers, gathered to the writer rank, printed as
@@ -235,6 +255,10 @@ class Trainer:
                 if not math.isfinite(record.lm_loss):
                     raise FloatingPointError(f"loss is {record.lm_loss} at iteration {record.iteration}")
                 self._log_accounting(record.iteration, step_traffic)
+                if self.phase_ms:  # the logged step's phases (DeepSpeed's wall_clock_breakdown)
+                    self.monitor.log_scalars(
+                        record.iteration, {f"timers/{k}-time-ms": v for k, v in self.phase_ms.items()},
+                        [" time (ms) | " + " | ".join(f"{k}: {v:.1f}" for k, v in self.phase_ms.items())])
             if record.iteration % t.eval_interval == 0 or last:
                 valid = self.evaluate("valid")
                 if valid is not None:

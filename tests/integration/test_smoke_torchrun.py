@@ -50,11 +50,12 @@ def test_torchrun_pp2_vp2_dp2_records_the_training_timeline(tiny_dataset, tmp_pa
            "--tokenizer-model", str(model), "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "16", "--train-iters", "6",
            "--log-interval", "3", "--eval-interval", "6", "--eval-iters", "1", "--split", "90,10,0",
-           "--output-dir", str(tmp_path / "run"), "--timeline-out", str(timeline)]
+           "--output-dir", str(tmp_path / "run"), "--timeline-out", str(timeline), "--wall-clock-breakdown"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2-way pipeline (interleaved, 2 chunks per stage) x 2-way data parallel" in proc.stdout
+    assert " time (ms) | forward-backward: " in proc.stdout and "| optimizer: " in proc.stdout
     data = json.loads(timeline.read_text())
     assert (data["pp"], data["vp"], data["num_microbatches"]) == (2, 2, 4)
     for rank in data["ranks"]:

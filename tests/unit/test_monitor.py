@@ -241,3 +241,17 @@ def test_resume_appends(tmp_path: Path) -> None:
     (tmp_path / "validation_metrics.csv").write_text("iteration,loss\n")
     with pytest.raises(ConfigError, match="validation_metrics.csv"):
         TrainingMonitor(tmp_path, tensorboard_dir=None, config={}, enabled=True, total_iters=5)
+
+
+def test_csv_disabled_writes_no_csv(tmp_path):
+    """DeepSpeed's csv_monitor {enabled: false} / --no-csv: TensorBoard-free, CSV-free run directory."""
+    from megazero.monitor import TrainingMonitor
+
+    mon = TrainingMonitor(tmp_path / "run", tensorboard_dir=None, config={}, enabled=True, total_iters=2,
+                          log=lambda _: None, csv=False)
+    mon.log_train(1, consumed_samples=8, lm_loss=2.0, lr=1e-3, grad_norm=1.0, batch_size=8,
+                  iteration_time_ms=10.0, tokens_per_sec=100.0)
+    mon.log_eval(1, lm_loss=2.5)
+    mon.close()
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert "summary.json" in names and not [n for n in names if n.endswith(".csv")], names
