@@ -2,7 +2,7 @@
 
 Every flag names its config field as `dest="section.field"`; unset flags are absent from the parsed
 namespace (argparse.SUPPRESS), so the dataclass defaults in config.py are the only defaults.
-Flags for features whose issues are not built yet are accepted by name and refused with a clear
+Settings whose features are not built yet (offload, through --deepspeed-config) are refused with a clear
 message at validation, never silently ignored.
 """
 

@@ -95,19 +95,6 @@ def all_gather_dim0(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return out
 
 
-def reduce_scatter_dim0(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Sum over ranks, then keep this rank's dim-0 chunk: [n * world, ...] -> [n, ...]."""
-    world = group_size(group)
-    if world == 1:
-        return tensor
-    assert tensor.shape[0] % world == 0, f"dim 0 ({tensor.shape[0]}) not divisible by group size {world}"
-    tensor = tensor.contiguous()
-    out = torch.empty((tensor.shape[0] // world, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    traffic.add("reduce_scatter", group, _ring(group, 1, _nbytes(tensor)))
-    _reduce_scatter_flat(out, tensor, op=dist.ReduceOp.SUM, group=group)
-    return out
-
-
 def all_reduce_async(tensor: torch.Tensor, group: ProcessGroup):
     """Start an in-place sum all-reduce; returns a handle with .wait() (None for a size-1 group)."""
     if group_size(group) == 1:
@@ -133,16 +120,6 @@ def all_gather_async(out: torch.Tensor, tensor: torch.Tensor, group: ProcessGrou
         return None
     traffic.add("all_gather", group, _ring(group, 1, _nbytes(out)))
     return _all_gather_flat(out, tensor.contiguous(), group=group, async_op=True)
-
-
-def broadcast_(tensor: torch.Tensor, src_global_rank: int, group: ProcessGroup) -> torch.Tensor:
-    if group_size(group) > 1:
-        dist.broadcast(tensor, src=src_global_rank, group=group)
-    return tensor
-
-
-def barrier(group: ProcessGroup) -> None:
-    dist.barrier(group=group)
 
 
 def new_group(ranks: list[int], backend: str | None = None) -> ProcessGroup:

@@ -25,6 +25,20 @@ def corpus_dir() -> Path:
     return CORPUS_DIR
 
 
+@pytest.fixture(scope="module")
+def tp_group():
+    """A size-1 process group in this process, for single-process models (no subprocesses needed)."""
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    group = dist.new_group([0])
+    yield group
+    if created:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(corpus_dir, tmp_path_factory):
     """(prefix, tokenizer_model) of a small dataset: ~300 KB of each corpus file, vocab 512."""

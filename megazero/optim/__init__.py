@@ -1,7 +1,7 @@
 """Optimizer-side pieces: lr schedule, loss scaling, the gradient-norm counting rule. The optimizer
 step itself (AdamW over owned fragments, every ZeRO stage) is megazero/zero/optimizer.py."""
 
-from megazero.optim.clip_grad import counts_toward_norm
+from megazero.optim.grad_norm import counts_toward_norm
 from megazero.optim.loss_scaler import ConstantLossScaler, DynamicLossScaler, build_loss_scaler
 from megazero.optim.lr_schedule import LRSchedule
 

@@ -1,1 +1,2 @@
-"""Pipeline parallelism: schedules (no-pipelining today; 1F1B and interleaved in their issue)."""
+"""Pipeline parallelism: layer partition, schedule plans (1F1B, interleaved 1F1B) and their simulator,
+p2p transfers, and the executor that runs a plan on real tensors."""

@@ -25,7 +25,7 @@ from megazero.config import RunConfig
 from megazero.data import build_data_iterator
 from megazero.monitor import TrainingMonitor
 from megazero.optim import LRSchedule
-from megazero.optim.clip_grad import counts_toward_norm
+from megazero.optim.grad_norm import counts_toward_norm
 from megazero.optim.loss_scaler import build_loss_scaler
 from megazero.pipeline_parallel.executor import Microbatch, PipelineExecutor
 from megazero.pipeline_parallel.p2p import PipelineP2P

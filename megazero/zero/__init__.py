@@ -1,1 +1,2 @@
-"""ZeRO: gradient buffers and data-parallel reduction (stage 0 today; stages 1-3 in their issue)."""
+"""ZeRO stages 0-3 over the data-parallel group: flat bucket layout, gradient sync, parameter storage,
+the fragment optimizer and stage-3 gather/release hooks (engine.py composes them)."""

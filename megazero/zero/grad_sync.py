@@ -42,6 +42,7 @@ class GradSync:
             for p in self.params:
                 if id(p) in self._in_place:
                     p.grad = self._view(p)
+            self._view_ptrs = [(p, p.grad.data_ptr()) for p in self.params if id(p) in self._in_place]
         else:
             self.shards = {b.index: torch.zeros(b.numel // self.dp, dtype=grad_dtype, device=device)
                            for b in layout.buckets}
@@ -67,10 +68,9 @@ class GradSync:
         self._launched = [False] * len(self.layout.buckets)
         if self.full:
             self.buffer.zero_()
-            for p in self.params:  # a view must stay a view (nothing may replace or drop it)
-                if id(p) in self._in_place:
-                    assert p.grad is not None and p.grad.data_ptr() == self._view(p).data_ptr(), \
-                        "a parameter's .grad no longer views the gradient buffer"
+            for p, ptr in self._view_ptrs:  # a view must stay a view (nothing may replace or drop it)
+                assert p.grad is not None and p.grad.data_ptr() == ptr, \
+                    "a parameter's .grad no longer views the gradient buffer"
         else:
             for t in self.shards.values():
                 t.zero_()

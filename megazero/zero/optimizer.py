@@ -21,7 +21,7 @@ import torch
 
 from megazero import comm
 from megazero.config import OptimizerConfig
-from megazero.optim.clip_grad import counts_toward_norm
+from megazero.optim.grad_norm import counts_toward_norm
 from megazero.zero.grad_sync import GradSync
 from megazero.zero.layout import BufferLayout
 from megazero.zero.param_storage import ParamStorage

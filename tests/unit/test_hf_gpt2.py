@@ -10,7 +10,6 @@ The vocab (300) is not a multiple of 128, so padding is exercised.
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
@@ -30,18 +29,6 @@ CFG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_lengt
                   hidden_dropout=0.0, attention_dropout=0.0)
 TOL = dict(rtol=1e-5, atol=1e-5)
 BATCH = 2
-
-
-@pytest.fixture(scope="module")
-def tp_group():
-    """A size-1 process group for the tp=1 model, in this process (no subprocesses needed)."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    group = dist.new_group([0])
-    yield group
-    if created:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -192,17 +191,6 @@ class _LegacyLayerNorm(nn.Module):
 
     def forward(self, x):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
-
-
-@pytest.fixture(scope="module")
-def tp_group():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    group = dist.new_group([0])
-    yield group
-    if created:
-        dist.destroy_process_group()
 
 
 def _gpt_loss_and_grads(tp_group, monkeypatch, legacy: bool):
