@@ -10,6 +10,7 @@ Flags follow Megatron-LM (`python pretrain_gpt.py --help`). Bad input ends with 
 from __future__ import annotations
 
 import datetime
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from megazero.distributed import (LaunchEnv, RankPrinter, device_for, fail, init
 from megazero.errors import ConfigError  # noqa: E402
 
 
-def make_run_dir(cfg: RunConfig) -> Path:
+def make_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """The run directory, and the topmost folder this call created (None if it existed)."""
     if cfg.logging.output_dir:
         run_dir = Path(cfg.logging.output_dir)
     else:
@@ -32,8 +34,9 @@ def make_run_dir(cfg: RunConfig) -> Path:
         n = 1
         while run_dir.exists():  # never reuse another run's folder
             run_dir, n = Path("output") / f"run-{stamp}-{n}", n + 1
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir, created
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -67,12 +70,20 @@ def run(argv: list[str] | None = None) -> dict:
             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) per process")
         log(f"data: {data.description}")
         writer = env.rank == env.world_size - 1
-        run_dir = make_run_dir(cfg) if writer else None
+        run_dir, created = make_run_dir(cfg) if writer else (None, None)
         if run_dir is not None:
             (run_dir / "config.json").write_text(cfg.to_json() + "\n")
             print(f"run directory: {run_dir.resolve()}", flush=True)
-        trainer = Trainer(cfg, topo, data, device, run_dir, log, datasets=datasets)
-        trainer.train()
+        try:
+            trainer = Trainer(cfg, topo, data, device, run_dir, log, datasets=datasets)
+        except ConfigError as err:  # found after start (e.g. no room for NVMe offload files): same on every rank
+            if created is not None:  # leave nothing behind: the folder holds only config.json so far
+                shutil.rmtree(created, ignore_errors=True)
+            fail(str(err), env.rank)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
         return getattr(trainer, "summary", {})
     finally:
         teardown()

@@ -2,8 +2,8 @@
 
 Every flag names its config field as `dest="section.field"`; unset flags are absent from the parsed
 namespace (argparse.SUPPRESS), so the dataclass defaults in config.py are the only defaults.
-Settings whose features are not built yet (offload, through --deepspeed-config) are refused with a clear
-message at validation, never silently ignored.
+Settings whose features are not built (e.g. DeepSpeed keys through --deepspeed-config) are refused
+with a clear message at validation, never silently ignored.
 """
 
 from __future__ import annotations
@@ -80,6 +80,34 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--distributed-backend", dest="parallel.distributed_backend", choices=["nccl", "gloo"],
                    help="default: nccl when CUDA is available, else gloo")
 
+    g.add_argument("--offload-optimizer", dest="zero.offload_optimizer", choices=["none", "cpu", "nvme"],
+                   help="keep fp32 master weights and Adam state in host memory (cpu) or in "
+                   "files under --offload-nvme-path (nvme), stepped by the CPU Adam; needs --zero-stage >= 1")
+    g.add_argument("--offload-nvme-path", dest="zero.offload_nvme_path",
+                   help="folder for --offload-optimizer nvme state files (removed at the end of the run)")
+    g.add_argument("--offload-param", dest="zero.offload_param", choices=["none", "cpu"],
+                   help="keep ZeRO-3 parameter shards in host memory, copied to the device per unit")
+    g.add_argument("--offload-sub-group-size", dest="zero.offload_sub_group_size", type=int,
+                   help="elements per NVMe offload read/step/write round (host RAM holds two; default 1e8)")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", dest="checkpoint.save", help="folder to save checkpoints into (iter_N + latest)")
+    g.add_argument("--load", dest="checkpoint.load",
+                   help="resume from this folder's latest checkpoint (or one iter_N folder); an empty or missing "
+                        "folder starts from scratch")
+    g.add_argument("--save-interval", dest="checkpoint.save_interval", type=int,
+                   help="iterations between checkpoints (the end of the run and SIGTERM always save)")
+    g.add_argument("--keep-last", dest="checkpoint.keep_last", type=int,
+                   help="keep only the newest N checkpoints (older ones removed after a new one is committed)")
+    g.add_argument("--exit-interval", dest="checkpoint.exit_interval", type=int,
+                   help="save and exit when the iteration is a multiple of N")
+    g.add_argument("--exit-duration-in-mins", dest="checkpoint.exit_duration_in_mins", type=float,
+                   help="save and exit once the run has lasted this many minutes")
+    g.add_argument("--no-load-optim", dest="checkpoint.no_load_optim", action="store_true",
+                   help="load weights and counters but not the optimizer state")
+    g.add_argument("--no-load-rng", dest="checkpoint.no_load_rng", action="store_true",
+                   help="do not restore the RNG streams")
+    g.add_argument("--finetune", dest="checkpoint.finetune", action="store_true",
+                   help="load weights only; iteration, data position and optimizer start fresh")
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", dest="model.num_layers", type=int, help="default 4")
     g.add_argument("--hidden-size", dest="model.hidden_size", type=int, help="default 256")

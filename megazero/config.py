@@ -91,9 +91,14 @@ class ZeroConfig:
     # model's dtype (DeepSpeed's default; half the gradient memory and reduce traffic in bf16/fp16).
     grad_reduce_dtype: str = "fp32"  # fp32 | model
     stage3_prefetch_layers: int = 1  # stage 3: layers whose parameters are gathered ahead
-    offload_optimizer: str = "none"  # none | cpu | nvme (arrives with the offload issue)
-    offload_param: str = "none"  # none | cpu (arrives with the offload issue)
+    # Offload (zero/offload.py): fp32 masters + Adam moments to host RAM or NVMe files, stepped by the
+    # CPU Adam; parameter shards to host RAM (stage 3).
+    offload_optimizer: str = "none"  # none | cpu | nvme
+    offload_param: str = "none"  # none | cpu
     offload_nvme_path: str | None = None
+    # Elements stepped per NVMe read/step/write round: host RAM holds 2 sub-groups' state (2 x 12 B/elt)
+    # plus their gradients. DeepSpeed's default is 1e9; 1e8 keeps that window ~2.4 GB + 0.8 GB.
+    offload_sub_group_size: int = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,21 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints (megazero/checkpoint/, docs/checkpoints.md); Megatron's flag names."""
+
+    save: str | None = None  # folder of iter_N checkpoints + `latest`
+    load: str | None = None  # resume from its `latest` (missing or empty folder: start from scratch)
+    save_interval: int | None = None  # iterations between saves (the end of the run always saves)
+    keep_last: int | None = None  # prune older committed checkpoints after each save
+    exit_interval: int | None = None  # stop (after saving) when iteration % N == 0
+    exit_duration_in_mins: float | None = None  # stop (after saving) once the run has lasted this long
+    no_load_optim: bool = False  # load weights only: fresh Adam state
+    no_load_rng: bool = False
+    finetune: bool = False  # weights only, iteration and data position from 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -160,6 +180,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def replace(self, **sections: Any) -> "RunConfig":
         """Copy with some fields of some sections replaced: cfg.replace(model={"vocab_size": 512})."""
@@ -289,6 +310,19 @@ class RunConfig:
         if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:
             raise ConfigError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
         self._validate_data_paths()
+        self._validate_checkpoint()
+
+    def _validate_checkpoint(self) -> None:
+        c = self.checkpoint
+        for name in ("save_interval", "keep_last", "exit_interval"):
+            if getattr(c, name) is not None and getattr(c, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+        if c.exit_duration_in_mins is not None and c.exit_duration_in_mins <= 0:
+            raise ConfigError(f"--exit-duration-in-mins must be > 0, got {c.exit_duration_in_mins}")
+        if (c.save_interval or c.keep_last) and not c.save:
+            raise ConfigError("--save-interval / --keep-last need --save DIR")
+        if c.save and Path(c.save).exists() and not Path(c.save).is_dir():
+            raise ConfigError(f"--save {c.save}: exists and is not a folder; choose a folder")
 
     def _validate_precision_and_zero(self) -> None:
         pr, z = self.precision, self.zero
@@ -307,14 +341,45 @@ class RunConfig:
             raise ConfigError(f"--grad-reduce-dtype must be fp32 or model, got {z.grad_reduce_dtype!r}")
         if z.reduce_bucket_size < 1:
             raise ConfigError(f"--ddp-bucket-size must be >= 1 element, got {z.reduce_bucket_size}")
-        if z.offload_optimizer != "none" or z.offload_param != "none":
-            raise ConfigError(
-                f"optimizer/parameter offload ({z.offload_optimizer}/{z.offload_param}) arrives with the offload "
-                f"issue (megatron_kernels: CPU Adam and offload); remove the offload settings for now")
+        self._validate_offload()
         if self.optimizer.optimizer_type not in ("adamw", "adam_l2"):
             raise ConfigError(f"optimizer must be adamw or adam_l2, got {self.optimizer.optimizer_type!r}")
         if self.optimizer.lr_warmup_style not in ("linear", "log"):
             raise ConfigError(f"warmup style must be linear or log, got {self.optimizer.lr_warmup_style!r}")
+
+    def _validate_offload(self) -> None:
+        import os
+        import tempfile
+
+        z = self.zero
+        if z.offload_optimizer not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"--offload-optimizer must be none, cpu or nvme, got {z.offload_optimizer!r}")
+        if z.offload_param not in ("none", "cpu"):
+            raise ConfigError(f"--offload-param must be none or cpu, got {z.offload_param!r} (parameters are "
+                              f"offloaded to host memory only; use --offload-optimizer nvme for the optimizer state)")
+        if z.offload_optimizer != "none" and z.stage == 0:
+            raise ConfigError(f"--offload-optimizer {z.offload_optimizer} needs --zero-stage 1, 2 or 3 (at stage 0 "
+                              f"every data-parallel rank would step the whole model on its CPU)")
+        if z.offload_param != "none" and z.stage != 3:
+            raise ConfigError(f"--offload-param {z.offload_param} needs --zero-stage 3 (only stage 3 shards the "
+                              f"parameters); got --zero-stage {z.stage}")
+        if z.offload_sub_group_size < 1:
+            raise ConfigError(f"--offload-sub-group-size must be >= 1 element, got {z.offload_sub_group_size}")
+        if z.offload_optimizer == "nvme":
+            path = z.offload_nvme_path
+            if not path:
+                raise ConfigError("--offload-optimizer nvme needs --offload-nvme-path DIR (a folder on a fast disk)")
+            if not os.path.isdir(path):
+                raise ConfigError(f"--offload-nvme-path {path}: not an existing folder; create it or choose another")
+            try:
+                with tempfile.TemporaryFile(dir=path):
+                    pass
+            except OSError as err:
+                raise ConfigError(f"--offload-nvme-path {path}: cannot write there ({err.strerror or err}); "
+                                  f"choose a writable folder") from None
+        elif z.offload_nvme_path:
+            raise ConfigError(f"--offload-nvme-path is only used with --offload-optimizer nvme (got "
+                              f"--offload-optimizer {z.offload_optimizer}); drop it or add --offload-optimizer nvme")
 
     def _validate_pipeline(self, world_size: int) -> None:
         from megazero.pipeline_parallel.schedules import validate_schedule
@@ -349,9 +414,9 @@ class RunConfig:
         if lc.timeline_out and not Path(lc.timeline_out).resolve().parent.is_dir():
             raise ConfigError(f"--timeline-out {lc.timeline_out}: folder {Path(lc.timeline_out).resolve().parent} "
                               f"does not exist; create it or choose another path")
-        if lc.output_dir and (Path(lc.output_dir) / "training_metrics.csv").exists():
+        if lc.output_dir and (Path(lc.output_dir) / "training_metrics.csv").exists() and not self.checkpoint.load:
             raise ConfigError(f"--output-dir {lc.output_dir} already holds a run (training_metrics.csv); choose a new "
-                              f"folder (resuming into it arrives with checkpoints)")
+                              f"folder, or add --load CHECKPOINT to continue that run")
         if d.data_path is not None:
             prefix = Path(d.data_path)
             for suffix in (".bin", ".idx"):

@@ -93,9 +93,11 @@ def _zero(ds: dict, m: Merge) -> None:
             if v < 1:
                 raise ConfigError(f"{f}: zero_optimization.{key} must be >= 1 element, got {v}")
             # allgather_bucket_size: accepted, no effect: parameters are gathered per gradient bucket
-            # (reduce_bucket_size). sub_group_size: for NVMe offload (its issue); no effect until then.
+            # (reduce_bucket_size). sub_group_size: the NVMe offload's read/step/write unit.
             if key == "reduce_bucket_size":
                 m.set(f"zero.{key}", v, f"zero_optimization.{key} {fmt(v)}")
+            elif key == "sub_group_size":
+                m.set("zero.offload_sub_group_size", v, f"zero_optimization.sub_group_size {fmt(v)}")
     if given(z.get("overlap_comm")):
         m.set("zero.overlap_comm", z["overlap_comm"], f"zero_optimization.overlap_comm {fmt(z['overlap_comm'])}")
     if z.get("cpu_offload") is True:  # DeepSpeed's deprecated spelling of offload_optimizer.device cpu

@@ -66,6 +66,9 @@ SCHEMA: dict[str, Any] = {
         "stage3_gather_fp16_weights_on_model_save": BOOL, "elastic_checkpoint": BOOL,
         "ignore_unused_parameters": BOOL, "load_from_fp32_weights": BOOL, "zero_hpz_partition_size": INT,
         "zero_quantized_weights": BOOL, "zero_quantized_gradients": BOOL},
+    # DeepSpeed's libaio tuning: accepted, no effect (megazero's NVMe offload does its own IO: zero/offload.py)
+    "aio": {"block_size": INT, "queue_depth": INT, "thread_count": INT, "intra_op_parallelism": INT,
+            "single_submit": BOOL, "overlap_events": BOOL, "use_gds": BOOL},
     "tensorboard": _MONITOR, "csv_monitor": _MONITOR,
     "wandb": {"enabled": BOOL, "group": STR_OR_NULL, "team": STR_OR_NULL, "project": STR_OR_NULL},
     "comms_logger": {"enabled": BOOL, "verbose": BOOL, "prof_all": BOOL, "debug": BOOL,
@@ -78,7 +81,6 @@ REFUSED = {
     "activation_checkpointing": "activation recomputation is not built in megazero yet",
     "pipeline": "megazero runs its own pipeline schedule; use --pipeline-model-parallel-size",
     "tensor_parallel": "use --tensor-model-parallel-size",
-    "aio": "NVMe offload is not built in megazero yet",
     "flops_profiler": "megazero reports throughput and MFU itself",
     "comet": "megazero logs to TensorBoard and CSV only",
     "autotuning": "no autotuner in megazero", "elasticity": "no elastic training in megazero",

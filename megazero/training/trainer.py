@@ -48,6 +48,21 @@ class StepRecord:
     skipped: bool = False  # non-finite gradients somewhere: nothing was updated
 
 
+class _SigtermFlag:
+    """Preemption: SIGTERM sets a flag the loop checks at the next step boundary (save, exit 0)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self._event = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
 def lm_loss(chunk: torch.nn.Module, inputs: torch.Tensor, batch: Microbatch) -> torch.Tensor:
     """Mean next-token loss of one microbatch (fp32 scalar), on the last virtual pipeline stage."""
     return chunk(inputs, batch["labels"]).mean()
@@ -98,6 +113,8 @@ class Trainer:
                  f"{f' (interleaved, {self.vp} chunks per stage)' if self.vp > 1 else ''} x {topo.dp}-way data parallel; "
                  f"global batch {self.global_batch} = micro {cfg.micro_batch_size(topo.world_size)} x {self.num_microbatches} "
                  f"accumulation x {topo.dp} dp; ZeRO stage {cfg.zero.stage}, {pr.params_dtype}")
+        if self.zero.optimizer.offload is not None:
+            self.log(self.zero.optimizer.offload.describe() + " (rank 0)")
         # The last rank holds the loss (last pipeline stage) and writes every monitoring file.
         self.monitor = TrainingMonitor(
             run_dir or Path("."), tensorboard_dir=self._tensorboard_dir(run_dir), config=cfg.to_dict(),
@@ -225,9 +242,47 @@ class Trainer:
                        "ranks": ranks}, path)
         self.log_writer(f"pipeline timeline of iteration {self.iteration} written to {path}")
 
+    def close(self) -> None:
+        """End of the run: no collective left in flight, offload files removed."""
+        self.zero.close()
+
+    # ----- checkpoints -----------------------------------------------------------------------------
+    def load(self, folder: Path) -> None:
+        from megazero.checkpoint.state import load_checkpoint
+
+        c = self.cfg.checkpoint
+        load_checkpoint(self, folder, load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
+                        finetune=c.finetune, log=self.log)
+
+    def save(self) -> None:
+        from megazero.checkpoint.state import save_checkpoint
+
+        c = self.cfg.checkpoint
+        done = save_checkpoint(self, c.save, c.keep_last)
+        self.last_saved = self.iteration
+        self.log_writer(f"saved checkpoint {done['path']} (iteration {self.iteration}) in {done['seconds']:.2f} s"
+                        + (f", {done['bytes'] / 2**20:.1f} MiB" if done["bytes"] else ""))
+
+    def _should_exit(self, started: float) -> str | None:
+        """Why to stop now (agreed by every rank: a SIGTERM may reach only some), or None."""
+        c = self.cfg.checkpoint
+        reasons = [self._sigterm.is_set() if self._sigterm is not None else False,
+                   bool(c.exit_interval and self.iteration % c.exit_interval == 0),
+                   bool(c.exit_duration_in_mins and time.perf_counter() - started >= 60 * c.exit_duration_in_mins)]
+        if not any((c.exit_interval, c.exit_duration_in_mins, self._sigterm is not None)):
+            return None
+        flags = torch.tensor([float(r) for r in reasons], device=self.device)
+        comm.all_reduce_(flags, self.topo.world_group, op="max")
+        names = ["SIGTERM", f"--exit-interval {c.exit_interval}", f"--exit-duration-in-mins {c.exit_duration_in_mins}"]
+        hit = [n for n, f in zip(names, flags.tolist()) if f > 0]
+        return hit[0] if hit else None
+
     # ----- the loop --------------------------------------------------------------------------------
     def train(self) -> list[StepRecord]:
-        t = self.cfg.training
+        t, c = self.cfg.training, self.cfg.checkpoint
+        started = time.perf_counter()
+        self.last_saved = self.iteration if c.load else None
+        self._sigterm = _SigtermFlag() if c.save else None
         history: list[StepRecord] = []
         batches = self._batches("train", self.consumed_samples)
         tokens_per_iter = self.global_batch * self.cfg.model.seq_length
@@ -263,10 +318,23 @@ class Trainer:
                 valid = self.evaluate("valid")
                 if valid is not None:
                     self.monitor.log_eval(record.iteration, lm_loss=valid)
+            if c.save and c.save_interval and record.iteration % c.save_interval == 0 and not last:
+                self.save()
+            stop = None if last else self._should_exit(started)
+            if stop is not None:
+                self.log_writer(f"{stop}: stopping at iteration {record.iteration}"
+                                + (" after saving a checkpoint" if c.save else ""))
+                if c.save and self.last_saved != self.iteration:
+                    self.save()
+                self.zero.wait()
+                self.summary = {"exit_reason": stop, "iteration": self.iteration}
+                return history
             if record.iteration % t.log_interval == 0 or record.iteration % t.eval_interval == 0:
                 # throughput intervals start after logging / evaluation, so they measure training only
                 interval_start, interval_iters = time.perf_counter(), 0
         self.zero.wait()  # no parameter gather may outlive training (teardown, checkpoints)
+        if c.save and self.last_saved != self.iteration:
+            self.save()
         if timeline_out:
             self._save_timeline(Path(timeline_out), timeline_events)
         test = self.evaluate("test")

@@ -5,6 +5,8 @@ for the trainer, which sees four calls per step:
     zero.finish_grad_sync()               after it: DP reduction done, tied embeddings summed
     result = zero.step(lr, clip, scale)   norm, clip, AdamW on owned fragments, parameter gather
     zero.release_params()                 after evaluation (stage 3 frees gathered units)
+
+and `close()` at the end of the run (removes NVMe offload files).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megazero import comm
 from megazero.config import OptimizerConfig, ZeroConfig
+from megazero.errors import ConfigError
 from megazero.topology import Topology
 from megazero.zero.grad_sync import GradSync
 from megazero.zero.layout import BufferLayout
@@ -51,13 +55,12 @@ class ZeroEngine:
         self.layout = BufferLayout(parameter_groups(chunks, zero.stage), topo.dp, bucket_size)
         assert {id(p) for p in params} == set(self.layout.range_of), "every parameter is laid out once"
         tied = any(getattr(p, "own_bucket", False) for p in params)
-        self.storage = ParamStorage(self.layout, zero.stage, topo.dp_group, topo.dp_rank)
+        self.storage = ParamStorage(self.layout, zero.stage, topo.dp_group, topo.dp_rank,
+                                    offload=zero.offload_param == "cpu")
         grad_dtype = torch.float32 if zero.grad_reduce_dtype == "fp32" else params[0].dtype
         self.grads = GradSync(self.layout, zero.stage, topo.dp_group, topo.dp_rank, device, zero.overlap_comm,
                               embedding_group=topo.embedding_group if tied else None, grad_dtype=grad_dtype)
-        self.optimizer = ZeroOptimizer(self.layout, self.grads, self.storage, weight_decay, opt, stage=zero.stage,
-                                       dp_rank=topo.dp_rank, tp_rank=topo.tp_rank, dp_group=topo.dp_group,
-                                       model_group=topo.model_group)
+        self.optimizer = _build_optimizer(self.layout, self.grads, self.storage, weight_decay, opt, zero, topo)
         self.stage3 = None
         if zero.stage == 3:
             self.stage3 = Stage3Hooks(chunks, self.layout, self.storage, zero.stage3_prefetch_layers)
@@ -85,6 +88,44 @@ class ZeroEngine:
         reading parameters outside a forward (checkpoints, evaluation tools) and before teardown."""
         self.storage.wait_gathers()
 
+    def close(self) -> None:
+        """End of run: finish collectives, remove NVMe offload files."""
+        self.wait()
+        self.optimizer.close()
+
     def memory_bytes(self) -> dict[str, int]:
-        """Model-state bytes this rank holds between steps."""
-        return {"params": self.storage.nbytes(), "grads": self.grads.nbytes(), "optimizer": self.optimizer.nbytes()}
+        """Model-state bytes this rank holds between steps (on its device; offloaded state separately)."""
+        out = {"params": self.storage.nbytes(), "grads": self.grads.nbytes(), "optimizer": self.optimizer.nbytes()}
+        if self.optimizer.offload is not None:
+            out["optimizer-host"] = self.optimizer.offload.host_bytes()
+            out["optimizer-nvme"] = self.optimizer.offload.nvme_bytes()
+        return out
+
+
+def _build_optimizer(layout, grads, storage, weight_decay, opt: OptimizerConfig, zero: ZeroConfig,
+                     topo: Topology) -> ZeroOptimizer:
+    """The ZeRO optimizer; with NVMe offload a failure to create or preallocate the state files on any
+    rank (unwritable path, full disk) becomes the same one-line ConfigError on every rank."""
+    offload = None
+    if zero.offload_optimizer != "none":
+        offload = {"mode": zero.offload_optimizer, "sub_group_size": zero.offload_sub_group_size,
+                   "nvme_path": zero.offload_nvme_path, "rank_tag": f"rank{topo.rank}"}
+    error, optimizer = None, None
+    try:
+        optimizer = ZeroOptimizer(layout, grads, storage, weight_decay, opt, stage=zero.stage, dp_rank=topo.dp_rank,
+                                  tp_rank=topo.tp_rank, dp_group=topo.dp_group, model_group=topo.model_group,
+                                  offload=offload)
+    except OSError as err:
+        if zero.offload_optimizer != "nvme":
+            raise
+        need = 12 * sum(f.numel for f in layout.fragments_of_rank(topo.dp_rank, whole=zero.stage == 0))
+        error = (f"--offload-nvme-path {zero.offload_nvme_path}: cannot create the optimizer-state files of rank "
+                 f"{topo.rank} ({need / 2**20:.1f} MiB): {err.strerror or err}; free space there or choose "
+                 f"another path")
+    if zero.offload_optimizer == "nvme":
+        errors = [e for e in comm.all_gather_object(error, topo.world_group) if e]
+        if errors:
+            if optimizer is not None:
+                optimizer.close()
+            raise ConfigError(errors[0])
+    return optimizer

@@ -54,6 +54,10 @@ class GradSync:
         self._pending: list[tuple[Bucket, object, torch.Tensor | None, torch.Tensor | None]] = []
         self.num_microbatches = 1
         self.on_bucket_done = None  # called with a bucket index when a microbatch's grads of it are all in
+        # called with a bucket index once its reduced gradient for the step is final (offload copies it)
+        self.on_bucket_reduced = None
+        self._reductions = [0] * len(layout.buckets)
+        self._tied = {b.index for b in layout.buckets if any(getattr(p, "own_bucket", False) for p in b.params)}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     def _view(self, p: torch.Tensor) -> torch.Tensor:
@@ -66,6 +70,7 @@ class GradSync:
         self.num_microbatches = num_microbatches
         self._count = [0] * len(self.layout.buckets)
         self._launched = [False] * len(self.layout.buckets)
+        self._reductions = [0] * len(self.layout.buckets)
         if self.full:
             self.buffer.zero_()
             for p, ptr in self._view_ptrs:  # a view must stay a view (nothing may replace or drop it)
@@ -115,6 +120,10 @@ class GradSync:
         else:
             self.shards[b.index].add_(out, alpha=1.0 / self.dp)
             self._spare.setdefault(staging.numel(), []).append(staging)
+        self._reductions[b.index] += 1
+        final = self.full or self._reductions[b.index] == self.num_microbatches
+        if final and self.on_bucket_reduced is not None and b.index not in self._tied:
+            self.on_bucket_reduced(b.index)  # tied buckets: after the cross-stage sum in finish()
 
     def _reclaim(self, bucket: int | None = None) -> None:
         """Complete finished reductions (and, for `bucket`, its unfinished one) so staging buffers are
@@ -159,8 +168,12 @@ class GradSync:
             self._spare.clear()  # recycle within a step only: between steps stages 2-3 hold shards alone
         if self.embedding_group is not None:
             for b in self.layout.buckets:
-                if any(getattr(p, "own_bucket", False) for p in b.params):
+                if b.index in self._tied:
                     comm.all_reduce_(self.owned_bucket_grad(b), self.embedding_group)
+        if self.on_bucket_reduced is not None:
+            for b in self.layout.buckets:  # tied buckets, and any a microbatch left without gradients
+                if b.index in self._tied or not (self.full or self._reductions[b.index] == self.num_microbatches):
+                    self.on_bucket_reduced(b.index)
 
     # ----- what the optimizer reads ----------------------------------------------------------------
     def owned_bucket_grad(self, b: Bucket) -> torch.Tensor:

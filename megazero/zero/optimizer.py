@@ -11,6 +11,9 @@ element whatever the sharding. One step:
     norm = global L2 norm of the unscaled gradients, every element counted once
     grads *= (1 / loss_scale) * min(1, clip / (norm + 1e-6))
     AdamW step on the masters; copy masters back into the model dtype; (stages 1-2) all-gather
+
+With offload (offload.py) the masters and moments live in host memory or NVMe files instead and the
+CPU Adam steps them; everything up to the clip coefficient is the same code.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from megazero.config import OptimizerConfig
 from megazero.optim.grad_norm import counts_toward_norm
 from megazero.zero.grad_sync import GradSync
 from megazero.zero.layout import BufferLayout
+from megazero.zero.offload import OffloadedAdam
 from megazero.zero.param_storage import ParamStorage
 
 
@@ -41,17 +45,33 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 class ZeroOptimizer:
     def __init__(self, layout: BufferLayout, grads: GradSync, storage: ParamStorage, weight_decay: dict[int, bool],
-                 cfg: OptimizerConfig, *, stage: int, dp_rank: int, tp_rank: int, dp_group, model_group):
-        """weight_decay: id(param) -> whether AdamW decays it (see `decays`)."""
+                 cfg: OptimizerConfig, *, stage: int, dp_rank: int, tp_rank: int, dp_group, model_group,
+                 offload: dict | None = None):
+        """weight_decay: id(param) -> whether AdamW decays it (see `decays`). offload: None, or
+        OffloadedAdam's keyword arguments mode / sub_group_size / nvme_path / rank_tag."""
         self.grads, self.storage, self.stage = grads, storage, stage
         self.tp_rank, self.dp_group, self.model_group = tp_rank, dp_group, model_group
         self.fragments = layout.fragments_of_rank(dp_rank, whole=stage == 0)
         self.device = grads.device
         self.values = [storage.owned_values(f) for f in self.fragments]
+        self.counted = [counts_toward_norm(f.param, tp_rank) for f in self.fragments]
+        self.offload = None
+        if offload is not None:
+            self.masters, self.optimizer = [], None
+            self.offload = OffloadedAdam(
+                self.values, [weight_decay[id(f.param)] for f in self.fragments], device=self.device, lr=cfg.lr,
+                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                adamw=cfg.optimizer_type == "adamw", **offload)
+            self._host_grads = set()  # buckets whose gradients reached the host this step
+            if offload["mode"] == "cpu":
+                self._fragments_of_bucket: dict[int, list[int]] = {}
+                for i, f in enumerate(self.fragments):
+                    self._fragments_of_bucket.setdefault(f.bucket, []).append(i)
+                grads.on_bucket_reduced = self._bucket_reduced
+            return
         # fp32 models step their stored values in place; others keep fp32 master copies
         self.masters = [torch.nn.Parameter(v if v.dtype == torch.float32 else v.detach().float().clone())
                         for v in self.values]
-        self.counted = [counts_toward_norm(f.param, tp_rank) for f in self.fragments]
         decay = [m for m, f in zip(self.masters, self.fragments) if weight_decay[id(f.param)]]
         no_decay = [m for m, f in zip(self.masters, self.fragments) if not weight_decay[id(f.param)]]
         groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
@@ -60,6 +80,11 @@ class ZeroOptimizer:
         # A rank whose shards hold only padding owns nothing to step (tiny models, large dp).
         self.optimizer = cls(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps) \
             if groups else None
+
+    def _bucket_reduced(self, bucket: int) -> None:
+        frags = self._fragments_of_bucket.get(bucket, [])
+        self.offload.copy_grads_to_host(frags, [self.grads.fragment_grad(self.fragments[i]) for i in frags])
+        self._host_grads.add(bucket)
 
     def _sum_over_ranks(self, value: torch.Tensor, op: str) -> torch.Tensor:
         # Shards are distinct over dp; at stage 0 every dp replica holds the same reduced gradient
@@ -84,11 +109,19 @@ class ZeroOptimizer:
         sums[0] = 0.0 if torch.isfinite(sums[0]) else 1.0
         everything, counted_sq = self._sum_over_ranks(sums, "sum").tolist()
         if everything > 0:
+            if self.offload is not None:
+                self._host_grads = set()
             return StepResult(float("nan"), skipped=True)
         norm = counted_sq ** 0.5 / loss_scale
         coeff = 1.0 / loss_scale
         if max_norm > 0 and max_norm / (norm + 1e-6) < 1.0:
             coeff *= max_norm / (norm + 1e-6)
+        if self.offload is not None:
+            ready = {f.bucket for f in self.fragments} <= self._host_grads
+            self._host_grads = set()
+            self.offload.step(grads, coeff, lr, host_grads_ready=ready)
+            self.storage.after_step()
+            return StepResult(norm, skipped=False)
         for master, g in zip(self.masters, grads):
             if coeff != 1.0:
                 g.mul_(coeff)
@@ -104,8 +137,57 @@ class ZeroOptimizer:
         self.storage.after_step()
         return StepResult(norm, skipped=False)
 
+    # ----- checkpoints (megazero/checkpoint/) ----------------------------------------------------------
+    def step_count(self) -> int:
+        if self.offload is not None:
+            return self.offload.step_count
+        for state in (self.optimizer.state.values() if self.optimizer is not None else ()):
+            return int(state["step"])
+        return 0
+
+    @torch.no_grad()
+    def export_state(self) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """Per owned fragment: (fp32 master or None when the model is fp32 and the values are the
+        masters, exp_avg, exp_avg_sq), flat, whatever the optimizer's home."""
+        fp32 = all(v.dtype == torch.float32 for v in self.values)
+        if self.offload is not None:
+            return [(None if fp32 else s[0], s[1], s[2]) for s in self.offload.export_state()]
+        out = []
+        for master in self.masters:
+            state = self.optimizer.state.get(master, {}) if self.optimizer is not None else {}
+            zeros = torch.zeros_like(master)
+            out.append((None if fp32 else master.detach(), state.get("exp_avg", zeros), state.get("exp_avg_sq", zeros)))
+        return out
+
+    @torch.no_grad()
+    def import_state(self, masters: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                     step_count: int) -> None:
+        """Set every owned fragment's fp32 master and moments (flat, any device) and the step count; the
+        model-dtype values are the caller's (checkpoint loading writes them first)."""
+        if self.offload is not None:
+            self.offload.import_state([torch.stack([m.float().cpu(), a.cpu(), b.cpu()])
+                                       for m, a, b in zip(masters, exp_avgs, exp_avg_sqs)], step_count)
+            return
+        for master, m, a, b in zip(self.masters, masters, exp_avgs, exp_avg_sqs):
+            master.copy_(m)
+            if self.optimizer is None:
+                continue
+            if step_count == 0:
+                self.optimizer.state.pop(master, None)
+            else:
+                self.optimizer.state[master] = {"step": torch.tensor(float(step_count)),
+                                                "exp_avg": a.to(master.device, torch.float32).clone(),
+                                                "exp_avg_sq": b.to(master.device, torch.float32).clone()}
+
+    def close(self) -> None:
+        if self.offload is not None:
+            self.offload.close()
+
     def nbytes(self) -> int:
-        """fp32 master copies (when not the stored values) + optimizer moments held by this rank."""
+        """fp32 master copies (when not the stored values) + optimizer moments held by this rank on its
+        device (0 with offload: see OffloadedAdam.host_bytes / nvme_bytes)."""
+        if self.offload is not None:
+            return 0
         total = sum(m.numel() * 4 for m, v in zip(self.masters, self.values) if m.data_ptr() != v.data_ptr())
         for state in (self.optimizer.state.values() if self.optimizer is not None else ()):
             total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.ndim > 0)

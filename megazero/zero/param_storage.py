@@ -9,6 +9,10 @@
 | 3     | only this rank's shard of each bucket      | nothing: parameters are gathered per unit      |
 |       | (unit); `gather` materialises a unit's     | (transformer block) just before use and        |
 |       | full parameters, `release` frees them      | released after (stage3.py)                     |
+
+Parameter offload (stage 3, `offload=True`): the shards live in host memory (pinned with CUDA) and
+`gather` copies a unit's shard to the device just before all-gathering it; with optimizer offload the
+CPU Adam writes the updated values straight into those host shards.
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ from megazero.zero.layout import BufferLayout, Fragment
 
 
 class ParamStorage:
-    def __init__(self, layout: BufferLayout, stage: int, dp_group, dp_rank: int):
+    def __init__(self, layout: BufferLayout, stage: int, dp_group, dp_rank: int, offload: bool = False):
+        assert not offload or stage == 3, "parameter offload is a stage-3 feature"
         self.layout, self.stage, self.dp_group, self.dp_rank = layout, stage, dp_group, dp_rank
         self.dp = comm.group_size(dp_group)
         params = [p for b in layout.buckets for p in b.params]
         self.dtype = params[0].dtype if params else torch.float32
         device = params[0].device if params else torch.device("cpu")
+        self.device = device
         assert all(p.dtype == self.dtype for p in params), "one parameter dtype per model"
+        self.offload = offload
         self._gathers: list = []  # stage 1/2: (handle, shard copy kept alive)
-        self._inflight: dict[int, tuple] = {}  # stage 3: bucket -> (handle, full buffer)
+        self._inflight: dict[int, tuple] = {}  # stage 3: bucket -> (handle, full buffer, input shard)
         self.gathered: set[int] = set()
         if stage in (1, 2):
             self.buffer = torch.zeros(layout.numel, dtype=self.dtype, device=device)
@@ -45,7 +52,9 @@ class ParamStorage:
                     lo, hi = layout.range_of[id(p)]
                     full[lo - b.start:hi - b.start].copy_(p.data.reshape(-1))
                 lo, hi = b.shard(dp_rank, self.dp)
-                self.shards[b.index] = full[lo - b.start:hi - b.start].clone()
+                shard = full[lo - b.start:hi - b.start]
+                self.shards[b.index] = shard.to("cpu", copy=True).pin_memory() if offload and device.type == "cuda" \
+                    else shard.to("cpu", copy=True) if offload else shard.clone()
                 self.gathered.add(b.index)
                 self.release(b.index)
 
@@ -86,11 +95,12 @@ class ParamStorage:
             return
         if bucket not in self._inflight:
             b = self.layout.buckets[bucket]
-            full = torch.empty(b.numel, dtype=self.dtype, device=self.shards[bucket].device)
-            self._inflight[bucket] = (comm.all_gather_async(full, self.shards[bucket], self.dp_group), full)
+            full = torch.empty(b.numel, dtype=self.dtype, device=self.device)
+            shard = self.shards[bucket].to(self.device, non_blocking=True)  # host -> device when offloaded
+            self._inflight[bucket] = (comm.all_gather_async(full, shard, self.dp_group), full, shard)
         if not wait:
             return
-        handle, full = self._inflight.pop(bucket)
+        handle, full, _ = self._inflight.pop(bucket)
         if handle is not None:
             handle.wait()
         b = self.layout.buckets[bucket]
@@ -111,7 +121,7 @@ class ParamStorage:
         (their values would be stale after the optimizer step)."""
         if self.stage != 3:
             return
-        for handle, _ in self._inflight.values():
+        for handle, _, _ in self._inflight.values():
             if handle is not None:
                 handle.wait()
         self._inflight.clear()
@@ -119,7 +129,9 @@ class ParamStorage:
             self.release(bucket)
 
     def nbytes(self) -> int:
-        """Bytes of parameter storage this rank holds between steps."""
+        """Bytes of parameter storage this rank holds between steps on its device."""
+        if self.offload and self.device.type != "cpu":
+            return 0
         if self.stage in (1, 2):
             return self.buffer.numel() * self.buffer.element_size()
         if self.stage == 3:

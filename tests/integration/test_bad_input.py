@@ -75,6 +75,14 @@ CASES = [
     (["--micro-batch-size", "4", "--gradient-accumulation-steps", "3", "--global-batch-size", "16"], 2,
      ["batch sizes disagree: global batch 16 != micro batch 4 x gradient accumulation 3 x data-parallel size 2 = 24"]),
     (["--data-path", "nowhere/data", "--tokenizer-model", __file__], 1, ["nowhere/data.bin not found"]),
+    (["--offload-optimizer", "cpu"], 1, ["--offload-optimizer cpu needs --zero-stage 1, 2 or 3"]),
+    (["--zero-stage", "2", "--offload-param", "cpu"], 1, ["--offload-param cpu needs --zero-stage 3"]),
+    (["--zero-stage", "1", "--offload-optimizer", "nvme"], 1, ["--offload-optimizer nvme needs --offload-nvme-path"]),
+    (["--zero-stage", "1", "--offload-optimizer", "nvme", "--offload-nvme-path", __file__], 1,
+     [f"--offload-nvme-path {__file__}: not an existing folder"]),
+    (["--zero-stage", "1", "--offload-optimizer", "cpu", "--offload-nvme-path", "."], 1,
+     ["--offload-nvme-path is only used with --offload-optimizer nvme"]),
+    (["--zero-stage", "1", "--offload-sub-group-size", "0"], 1, ["--offload-sub-group-size must be >= 1"]),
 ]
 
 
@@ -171,3 +179,26 @@ def test_error_is_printed_once_across_ranks(tmp_path):
     assert outputs[0][1].strip().startswith("error: world size 3 is not divisible")
     assert len(outputs[0][1].strip().splitlines()) == 1
     assert all(out == ("", "") for out in outputs[1:]), outputs[1:]
+
+
+def test_nvme_offload_without_room_fails_before_training(tiny_dataset, tmp_path):
+    """A disk that cannot hold the optimizer state (here: a 2 MiB file-size limit against ~39 MiB of
+    state) is one line, exit 2, before the first step, and leaves neither state files nor a run folder."""
+    import resource
+    import signal
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, 2 * 2**20))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
+
+    nvme, run_dir = tmp_path / "nvme", tmp_path / "run"
+    nvme.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "pretrain_gpt.py"), *_tiny(tiny_dataset), "--zero-stage", "1",
+                           "--offload-optimizer", "nvme", "--offload-nvme-path", str(nvme), "--train-iters", "2",
+                           "--output-dir", str(run_dir)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.stdout, err)
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: --offload-nvme-path {nvme}: cannot create"), err
+    assert "File too large" in err and "free space there or choose another path" in err
+    assert list(nvme.iterdir()) == [] and not run_dir.exists()

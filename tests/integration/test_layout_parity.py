@@ -6,8 +6,14 @@ Dropout is 0: dropout masks on head-sharded activations are drawn per TP rank by
 cannot match a different tp size. Global batch 8 with micro batch 2 makes gradient accumulation 4 / 2
 / 1 at dp 1 / 2 / 4 (and those are the pipeline's microbatches), so accumulation is covered too. One
 launch per world size runs every layout of that size.
+
+Offload (cpu / nvme optimizer state, cpu parameters) must match the same layout without offload to
+rtol 1e-6: only the optimizer's home and kernel (the CPU Adam) change.
 """
 
+import os
+import tempfile
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -21,6 +27,8 @@ from tests.dist_utils import run_distributed
 
 STEPS = 12
 RTOL = 1e-5
+OFFLOAD_RTOL = 1e-6
+NVME_DIR = Path(tempfile.gettempdir()) / "megazero-parity-nvme"
 GLOBAL_BATCH = 8
 
 
@@ -32,10 +40,17 @@ class Layout(NamedTuple):
     first_stage_layers: int | None = None
     zero: int = 0
     dtype: str = "fp32"
+    # none | cpu | nvme (optimizer state) | cpu+param (also ZeRO-3 parameters) | cpu-reference (the CPU
+    # Adam's pure-torch reference: the "kernel absent" dispatch path)
+    offload: str = "none"
 
 
 def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
-    tp, pp, vp, micro, first_stage_layers, zero, dtype = layout
+    tp, pp, vp, micro, first_stage_layers, zero, dtype, offload = layout
+    optimizer_home = offload.split("+")[0].removesuffix("-reference")
+    offload_cfg = {"offload_optimizer": optimizer_home, "offload_param": "cpu" if "+param" in offload else "none",
+                   "offload_nvme_path": str(NVME_DIR) if optimizer_home == "nvme" else None,
+                   "offload_sub_group_size": 5000}  # several sub-groups: the double-buffered path
     return RunConfig(
         model=ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=512,
                           make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0),
@@ -46,19 +61,27 @@ def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
     ).replace(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                         "virtual_pipeline_model_parallel_size": vp,
                         "decoder_first_pipeline_num_layers": first_stage_layers},
-              zero={"stage": zero, "reduce_bucket_size": 20_000},  # several buckets, uneven shards
+              zero={"stage": zero, "reduce_bucket_size": 20_000, **offload_cfg},  # several buckets, uneven shards
               precision={"params_dtype": dtype})
 
 
 def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts):
     data = ResolvedData(prefix=prefix, tokenizer_model=tokenizer_model, vocab_size=512, description="tiny")
     out = {}
+    NVME_DIR.mkdir(exist_ok=True)
     for layout in layouts:
         cfg = parity_config(prefix, tokenizer_model, layout)
         cfg.validate(world_size)
         topo = Topology.build(GridShape(world_size, tp=layout.tp, pp=layout.pp), rank)
+        os.environ["MEGATRON_KERNELS_FORCE_REFERENCE"] = "1" if layout.offload.endswith("-reference") else "0"
         trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=lambda _: None)
         history = trainer.train()
+        offload = trainer.zero.optimizer.offload
+        files = getattr(offload.store, "dir", None) if offload is not None else None
+        if layout.offload == "nvme":
+            assert files and len(os.listdir(files)) > 1, "nvme state lives in several sub-group files"
+        trainer.close()
+        assert files is None or not os.path.exists(files), f"NVMe offload files left behind in {files}"
         out[layout] = [(r.lm_loss, r.grad_norm) for r in history]
     return out
 
@@ -85,17 +108,29 @@ LAUNCHES = {
 MIXED = [L(zero=0, dtype="bf16"), L(zero=2, dtype="bf16"), L(zero=1, dtype="fp16"), L(zero=3, dtype="fp16"),
          L(pp=2, dtype="bf16")]
 LAUNCHES[2] = LAUNCHES[2] + MIXED
+# Offload at ZeRO 1, 2, 3 with dp, tp, pp, vp layouts; each compared with its no-offload twin above.
+OFFLOAD = {
+    2: [L(zero=1, offload="cpu"), L(zero=2, offload="nvme"), L(zero=3, offload="cpu+param"),
+        L(zero=1, offload="cpu-reference"), L(zero=2, dtype="bf16", offload="nvme")],
+    4: [L(tp=2, micro=2, zero=2, offload="cpu"), L(pp=2, micro=2, zero=1, offload="nvme"),
+        L(pp=2, vp=2, micro=2, zero=3, offload="nvme")],
+    8: [L(tp=2, pp=2, micro=2, zero=3, offload="cpu+param"), L(tp=2, pp=2, micro=2, zero=1, offload="nvme")],
+}
+for _world, _layouts in OFFLOAD.items():
+    LAUNCHES[_world] = LAUNCHES[_world] + _layouts + [l._replace(offload="none") for l in _layouts
+                                                      if l._replace(offload="none") not in LAUNCHES[_world]]
 MIXED_RTOL = {"bf16": 1e-3, "fp16": 1e-4}  # loss
 MIXED_NORM_RTOL = {"bf16": 1.5e-2, "fp16": 1e-3}  # grad norm
 REFERENCE = (1, L())
 
 
 def layout_id(world: int, layout: Layout) -> str:
-    tp, pp, vp, micro, first, zero, dtype = layout
+    tp, pp, vp, micro, first, zero, dtype, offload = layout
     dp = world // (tp * pp)
     uneven = f"-first{first}" if first is not None else ""
     return (f"tp{tp}-pp{pp}{f'-vp{vp}' if vp > 1 else ''}{uneven}-dp{dp}-accum{GLOBAL_BATCH // (micro * dp)}"
-            f"{f'-zero{zero}' if zero else ''}{f'-{dtype}' if dtype != 'fp32' else ''}")
+            f"{f'-zero{zero}' if zero else ''}{f'-{dtype}' if dtype != 'fp32' else ''}"
+            f"{f'-offload-{offload}' if offload != 'none' else ''}")
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +159,18 @@ def test_layout_matches_single_process(histories, key):
         assert loss == pytest.approx(ref_loss, rel=rtol), f"step {step} loss {loss} vs {ref_loss}"
         norm_rtol = MIXED_NORM_RTOL.get(key[1].dtype, RTOL)
         assert norm == pytest.approx(ref_norm, rel=norm_rtol), f"step {step} grad norm {norm} vs {ref_norm}"
+
+
+OFFLOADED = [(w, layout) for w, layouts in OFFLOAD.items() for layout in layouts]
+
+
+@pytest.mark.parametrize("key", OFFLOADED, ids=[layout_id(*k) for k in OFFLOADED])
+def test_offload_matches_the_same_layout_without_offload(histories, key):
+    world, layout = key
+    got, twin = histories[key], histories[(world, layout._replace(offload="none"))]
+    for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, twin), start=1):
+        assert loss == pytest.approx(ref_loss, rel=OFFLOAD_RTOL), f"step {step} loss {loss} vs {ref_loss}"
+        assert norm == pytest.approx(ref_norm, rel=OFFLOAD_RTOL), f"step {step} grad norm {norm} vs {ref_norm}"
 
 
 def test_training_moves_the_loss(histories):

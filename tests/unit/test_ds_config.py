@@ -69,19 +69,28 @@ def test_zero3_example_loads_and_validates():
     assert cfg.batch_sizes(2) == (4, 4, 32)
 
 
-def test_zero3_offload_example_maps_offload_and_validate_refuses_it():
+def test_zero3_offload_example_maps_offload_and_validates():
     cfg = apply_ds_config(FIXTURES / "zero3_offload.json")
     assert cfg.zero.offload_optimizer == "cpu" and cfg.zero.offload_param == "cpu"
-    with pytest.raises(ConfigError, match=r"offload \(cpu/cpu\) arrives with the offload issue"):
-        cfg.validate(world_size=2)
+    cfg.validate(world_size=2)
 
 
-def test_nvme_offload_path_maps(tmp_path):
-    cfg = load(tmp_path, {"zero_optimization": {"stage": 3, "offload_optimizer": {
-        "device": "nvme", "nvme_path": "/local_nvme", "pin_memory": True, "buffer_count": 4, "fast_init": False}}})
-    assert (cfg.zero.offload_optimizer, cfg.zero.offload_nvme_path) == ("nvme", "/local_nvme")
-    with pytest.raises(ConfigError, match="offload"):
-        cfg.validate(world_size=2)
+def test_nvme_offload_path_and_sub_group_size_map(tmp_path):
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    cfg = load(tmp_path, {"zero_optimization": {"stage": 2, "sub_group_size": 10**8, "offload_optimizer": {
+        "device": "nvme", "nvme_path": str(nvme), "pin_memory": True, "buffer_count": 4, "fast_init": False}},
+        "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True}})
+    assert (cfg.zero.offload_optimizer, cfg.zero.offload_nvme_path) == ("nvme", str(nvme))
+    assert cfg.zero.offload_sub_group_size == 10**8
+    cfg.validate(world_size=2)  # nvme at stage 2 is nvme (DeepSpeed would silently use cpu)
+    missing = load(tmp_path, {"zero_optimization": {"stage": 3, "offload_optimizer": {
+        "device": "nvme", "nvme_path": "/no/such/nvme"}}})
+    with pytest.raises(ConfigError, match="--offload-nvme-path /no/such/nvme: not an existing folder"):
+        missing.validate(world_size=2)
+    param_nvme = load(tmp_path, {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})
+    with pytest.raises(ConfigError, match="--offload-param must be none or cpu"):
+        param_nvme.validate(world_size=2)
     assert "needs \"device\"" in error(tmp_path, {"zero_optimization": {"offload_param": {"pin_memory": True}}})
 
 

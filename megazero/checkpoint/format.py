@@ -1,0 +1,265 @@
+"""The on-disk checkpoint format: topology-independent, checksummed, committed atomically.
+
+    SAVE/latest                       "iter_0000100\\n" (replaced by rename, after the commit)
+    SAVE/iter_0000100/index.json      what is where: tensors, files + sha256, trainer state, config
+    SAVE/iter_0000100/rank00003.safetensors   the pieces rank 3 owned when it saved
+
+Every stored tensor has a *global* identity "kind/name": kind is `model` (values in the model dtype),
+`master` (fp32 master weights; omitted when the model is fp32: the values are the masters),
+`exp_avg` or `exp_avg_sq` (Adam moments); name is the layout-independent parameter name
+(`layers.7.mlp.dense_h_to_4h.weight`: layer numbers are global). The index gives each tensor's global
+(logical, unpadded) shape and its *pieces*: a piece is a flat range [lo, hi) of the row-major
+flattening of a rectangular *region* of the global tensor (start/stop per dim). That is exactly what a
+rank owns under tp x ZeRO: the region is its tensor-parallel slice, the flat range its ZeRO fragment,
+so saving needs no communication and any layout reads the regions it needs (`CheckpointReader.read`).
+Regions may reach past the logical shape (vocabulary padding rows, always zero); readers clip.
+
+Why safetensors + JSON rather than torch.distributed.checkpoint: the files are plain, memory-mappable
+and readable without torch.distributed (tools, Hugging Face export), the index is human-readable,
+loading reads exactly the slices a rank needs, and the format is ours to keep stable (a version
+number; documented in docs/checkpoints.md).
+
+Commit protocol (`commit`): ranks write into `iter_N.partial/` (each fsyncs its file), rank 0 writes
+index.json, fsyncs, renames the folder to `iter_N`, fsyncs SAVE, then replaces `latest` by
+rename. A crash at any moment leaves the previous checkpoint and a `latest` naming a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megazero.errors import ConfigError
+from megazero.fileio import atomic_open
+
+FORMAT_NAME, FORMAT_VERSION = "megazero-checkpoint", 1
+INDEX, LATEST = "index.json", "latest"
+KINDS = ("model", "master", "exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used as asked (one line naming the file and the problem)."""
+
+
+def iteration_dirname(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def rank_filename(rank: int) -> str:
+    return f"rank{rank:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [lo, hi) of region[start:stop] (row-major) of a global tensor, stored under `key`."""
+    file: str
+    key: str
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+    lo: int
+    hi: int
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "key": self.key, "start": list(self.start), "stop": list(self.stop),
+                "flat": [self.lo, self.hi]}
+
+    @staticmethod
+    def from_json(d: dict) -> "Piece":
+        return Piece(d["file"], d["key"], tuple(d["start"]), tuple(d["stop"]), d["flat"][0], d["flat"][1])
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_rank_file(folder: Path, rank: int, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write one rank's pieces; fsync; return {"name", "sha256", "bytes"} for the index."""
+    path = folder / rank_filename(rank)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata={"format": FORMAT_NAME})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"name": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_dir(save: Path, iteration: int) -> Path:
+    return save / (iteration_dirname(iteration) + ".partial")
+
+
+def prepare_partial(save: Path, iteration: int) -> Path:
+    """Rank 0, before anyone writes: a fresh `iter_N.partial/` (a stale one from a crash is removed)."""
+    save.mkdir(parents=True, exist_ok=True)
+    folder = partial_dir(save, iteration)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    return folder
+
+
+def commit(save: Path, iteration: int, index: dict, keep_last: int | None) -> Path:
+    """Rank 0, after every rank's file is written: index, rename into place, then `latest`, then prune."""
+    folder = partial_dir(save, iteration)
+    with atomic_open(folder / INDEX, "w") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+    _fsync_dir(folder)
+    final = save / iteration_dirname(iteration)
+    old = None
+    if final.exists():  # saving the same iteration again (e.g. after a resume): swap, then drop the old
+        old = save / (final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(folder, final)
+    _fsync_dir(save)
+    with atomic_open(save / LATEST, "w") as f:
+        f.write(final.name + "\n")
+    _fsync_dir(save)
+    if old is not None:
+        shutil.rmtree(old)
+    if keep_last:
+        committed = sorted(p for p in save.glob("iter_???????") if p.is_dir())
+        for stale in committed[:-keep_last]:
+            if stale != final:
+                shutil.rmtree(stale)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from --load: SAVE (via `latest`) or one `iter_N` folder itself."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"--load {path}: no such folder")
+    latest = path / LATEST
+    if not latest.is_file():
+        if any(path.glob("iter_*")):
+            raise CheckpointError(f"--load {path}: has iter_* folders but no '{LATEST}' file (an interrupted first "
+                                  f"save?); pass one complete folder, e.g. --load {sorted(path.glob('iter_*'))[-1]}")
+        raise CheckpointError(f"--load {path}: not a checkpoint folder (no '{LATEST}' and no {INDEX})")
+    name = latest.read_text().strip()
+    folder = path / name
+    if not (folder / INDEX).is_file():
+        raise CheckpointError(f"--load {path}: '{LATEST}' names {name}, which is missing or incomplete ({folder / INDEX} "
+                              f"not found)")
+    return folder
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """True if --load PATH names something to resume from; False for a missing or empty folder (a run
+    that has not saved yet: `--save X --load X` starts from scratch)."""
+    path = Path(path)
+    return path.is_dir() and any(path.iterdir())
+
+
+def read_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / INDEX).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder / INDEX}: unreadable checkpoint index ({err})") from None
+    if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder / INDEX}: not a {FORMAT_NAME} v{FORMAT_VERSION} index "
+                              f"(format {index.get('format')!r}, version {index.get('version')!r})")
+    return index
+
+
+class CheckpointReader:
+    """Reads regions of global tensors from a committed checkpoint, verifying each file's sha256
+    the first time it is opened."""
+
+    def __init__(self, folder: Path, verify: bool = True):
+        self.folder, self.verify = Path(folder), verify
+        self.index = read_index(self.folder)
+        self.tensors = {name: {"shape": tuple(t["shape"]), "dtype": t["dtype"],
+                               "pieces": [Piece.from_json(p) for p in t["pieces"]]}
+                        for name, t in self.index["tensors"].items()}
+        self._handles: dict[str, object] = {}
+        self._cached: tuple | None = None  # (tensor name, region) -> assembled region
+
+    def _file(self, name: str):
+        if name not in self._handles:
+            path = self.folder / name
+            meta = self.index["files"].get(name)
+            if meta is None or not path.is_file():
+                raise CheckpointError(f"{path}: missing checkpoint file")
+            if path.stat().st_size != meta["bytes"]:
+                raise CheckpointError(f"{path}: truncated or resized ({path.stat().st_size} bytes, index says "
+                                      f"{meta['bytes']})")
+            if self.verify and sha256_of(path) != meta["sha256"]:
+                raise CheckpointError(f"{path}: checksum mismatch (sha256 differs from {self.folder / INDEX}): the "
+                                      f"file is corrupted")
+            try:
+                self._handles[name] = safe_open(str(path), framework="pt")
+            except Exception as err:  # safetensors raises its own error types for a bad header
+                raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+        return self._handles[name]
+
+    def get(self, file: str, key: str) -> torch.Tensor:
+        return self._file(file).get_tensor(key)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name]["shape"]
+
+    def read(self, name: str, start: tuple[int, ...], stop: tuple[int, ...]) -> torch.Tensor:
+        """Global tensor `name`'s region [start, stop) (clipped parts outside the stored logical shape
+        come back as zeros), assembled from whichever pieces the saving layout wrote."""
+        entry = self.tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"{self.folder / INDEX}: no tensor {name!r} in this checkpoint")
+        dtype = getattr(torch, entry["dtype"])
+        out = torch.zeros([b - a for a, b in zip(start, stop)], dtype=dtype)
+        regions: dict[tuple, list[Piece]] = {}
+        for p in entry["pieces"]:
+            regions.setdefault((p.start, p.stop), []).append(p)
+        for (r_start, r_stop), pieces in regions.items():
+            lo = [max(a, b) for a, b in zip(start, r_start)]
+            hi = [min(a, b, s) for a, b, s in zip(stop, r_stop, entry["shape"])]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            region = self._region(name, r_start, r_stop, pieces, dtype)
+            src = region[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, r_start))]
+            out[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = src
+        return out
+
+    def _region(self, name, r_start, r_stop, pieces, dtype) -> torch.Tensor:
+        key = (name, r_start, r_stop)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        shape = [b - a for a, b in zip(r_start, r_stop)]
+        numel = 1
+        for s in shape:
+            numel *= s
+        flat = torch.empty(numel, dtype=dtype)
+        covered = 0
+        for p in sorted(pieces, key=lambda p: p.lo):
+            flat[p.lo:p.hi] = self.get(p.file, p.key).reshape(-1)
+            covered += p.hi - p.lo
+        if covered != numel:
+            raise CheckpointError(f"{self.folder / INDEX}: pieces of {name} region {list(r_start)}-{list(r_stop)} "
+                                  f"cover {covered} of {numel} elements")
+        region = flat.view(shape)
+        self._cached = (key, region)
+        return region

@@ -1,0 +1,214 @@
+"""Saving a running Trainer into the checkpoint format (format.py) and loading one into any layout.
+
+Save: every rank writes the pieces it owns (its tensor-parallel region x its ZeRO fragment of each
+parameter: model values, fp32 masters, Adam moments), skipping copies another rank writes (TP-
+replicated parameters: tp rank 0; stage 0: dp rank 0; the tied embedding copy on the last stage);
+dp-rank-0 ranks add their (pp, tp) RNG streams. Rank 0 gathers the piece lists, writes the index and
+commits. No tensor travels between ranks.
+
+Load: every rank reads, for each fragment it owns in *its* layout, the tensor-parallel region of the
+global tensor and keeps its flat range; stages 1-2 then all-gather the parameter buffer as after a
+step. Trainer counters, loss scaler and (same tp/pp/vp only) RNG streams are restored too.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+import megazero
+from megazero import comm
+from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, CheckpointError, CheckpointReader, Piece,
+                                        commit, iteration_dirname, partial_dir, prepare_partial, rank_filename,
+                                        write_rank_file)
+from megazero.tensor_parallel.sharding import ShardSpec, get_shard_spec
+
+# model fields that must agree between a checkpoint and the run loading it
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                "max_position_embeddings", "seq_length")
+
+
+def _region(spec: ShardSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """This rank's tensor-parallel slice of the global tensor, as start/stop per dim."""
+    start = [0] * len(spec.global_shape)
+    stop = list(spec.global_shape)
+    if spec.tp_dim is not None:
+        start[spec.tp_dim] = spec.offset
+        stop[spec.tp_dim] = spec.offset + spec.local_shape[spec.tp_dim]
+    return tuple(start), tuple(stop)
+
+
+def _logical_shape(spec: ShardSpec) -> list[int]:
+    shape = list(spec.global_shape)
+    if spec.tp_dim is not None and spec.logical_size is not None:
+        shape[spec.tp_dim] = spec.logical_size
+    return shape
+
+
+def _param_names(trainer) -> dict[int, str]:
+    return {id(p): name for chunk in trainer.chunks for name, p in chunk.named_parameters()}
+
+
+def _barrier(trainer) -> None:
+    flag = torch.zeros(1, device=trainer.device)
+    comm.all_reduce_(flag, trainer.topo.world_group)
+
+
+def layout_of(trainer) -> dict:
+    cfg, topo = trainer.cfg, trainer.topo
+    return {"world": topo.world_size, "tp": topo.tp, "pp": topo.pp, "vp": trainer.vp, "dp": topo.dp,
+            "zero_stage": cfg.zero.stage, "params_dtype": cfg.precision.params_dtype,
+            "offload_optimizer": cfg.zero.offload_optimizer, "offload_param": cfg.zero.offload_param}
+
+
+# ----- save ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> dict:
+    """Collective over all ranks. Returns {"path", "seconds", "bytes"} (bytes on rank 0: the whole checkpoint)."""
+    t0 = time.perf_counter()
+    save = Path(save)
+    topo, zero = trainer.topo, trainer.zero
+    opt = zero.optimizer
+    zero.wait()
+    if topo.rank == 0:
+        prepare_partial(save, trainer.iteration)
+    _barrier(trainer)
+    folder = partial_dir(save, trainer.iteration)
+    names = _param_names(trainer)
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[tuple[str, list[int], str, dict]] = []  # (kind/name, logical shape, dtype, piece json)
+    fname = rank_filename(topo.rank)
+    for (master, exp_avg, exp_avg_sq), f, value in zip(opt.export_state(), opt.fragments, opt.values):
+        spec = get_shard_spec(f.param)
+        if spec.tied_copy or (spec.tp_dim is None and topo.tp_rank != 0) or (zero.stage == 0 and topo.dp_rank != 0):
+            continue
+        name = names[id(f.param)]
+        start, stop = _region(spec)
+        for kind, t in zip(KINDS, (value, master, exp_avg, exp_avg_sq)):
+            if t is None:
+                continue
+            key = f"{kind}/{name}/{f.param_lo}"
+            tensors[key] = t.reshape(-1)
+            piece = Piece(fname, key, start, stop, f.param_lo, f.param_hi)
+            entries.append((f"{kind}/{name}", _logical_shape(spec), str(t.dtype).removeprefix("torch."),
+                            piece.to_json()))
+    rng = None
+    if topo.dp_rank == 0:
+        state = trainer.rng.state_dict()
+        prefix = f"rng/pp{topo.pp_rank}.tp{topo.tp_rank}"
+        for stream, t in state["streams"].items():
+            tensors[f"{prefix}/{stream}"] = t
+        tensors[f"{prefix}/ambient"] = state["ambient"]
+        rng = {"file": fname, "prefix": prefix, "streams": sorted(state["streams"])}
+    file_meta = write_rank_file(folder, topo.rank, tensors) if tensors else None
+    everyone = comm.all_gather_object((file_meta, entries, rng, (topo.pp_rank, topo.tp_rank)), topo.world_group)
+    total = 0
+    path = save / iteration_dirname(trainer.iteration)
+    if topo.rank == 0:
+        index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "megazero_version": megazero.__version__,
+                 "iteration": trainer.iteration, "layout": layout_of(trainer), "config": trainer.cfg.to_dict(),
+                 "state": trainer_state(trainer), "tensors": {}, "files": {}, "rng": {}}
+        for meta, rank_entries, rank_rng, (pp_rank, tp_rank) in everyone:
+            if meta is not None:
+                index["files"][meta["name"]] = {"sha256": meta["sha256"], "bytes": meta["bytes"]}
+                total += meta["bytes"]
+            for name, shape, dtype, piece in rank_entries:
+                entry = index["tensors"].setdefault(name, {"shape": shape, "dtype": dtype, "pieces": []})
+                entry["pieces"].append(piece)
+            if rank_rng is not None:
+                index["rng"][f"pp{pp_rank}.tp{tp_rank}"] = rank_rng
+        path = commit(save, trainer.iteration, index, keep_last)
+    _barrier(trainer)
+    return {"path": path, "seconds": time.perf_counter() - t0, "bytes": total}
+
+
+def trainer_state(trainer) -> dict:
+    return {"iteration": trainer.iteration, "consumed_samples": trainer.consumed_samples,
+            "optimizer_steps": trainer.optimizer_steps, "consecutive_skips": trainer.consecutive_skips,
+            "adam_steps": trainer.zero.optimizer.step_count(), "loss_scaler": trainer.scaler.state_dict()}
+
+
+# ----- load ----------------------------------------------------------------------------------------------
+def check_model_shape(index: dict, cfg, where: Path) -> None:
+    saved = index["config"]["model"]
+    for field in SHAPE_FIELDS:
+        mine, theirs = getattr(cfg.model, field), saved.get(field)
+        if field == "ffn_hidden_size":
+            mine, theirs = cfg.model.ffn_size, theirs or 4 * saved["hidden_size"]
+        if field == "max_position_embeddings":
+            mine, theirs = cfg.model.max_positions, theirs or saved["seq_length"]
+        if field == "seq_length":
+            continue  # the sequence length may change (up to max positions)
+        if mine != theirs:
+            raise CheckpointError(f"{where}: checkpoint has {field.replace('_', '-')} {theirs}, this run has {mine}; "
+                                  f"pass --{field.replace('_', '-')} {theirs} (the model shape must match)")
+
+
+@torch.no_grad()
+def load_checkpoint(trainer, folder: Path, *, load_optim: bool = True, load_rng: bool = True,
+                    finetune: bool = False, log=print) -> dict:
+    """Collective over all ranks: restore `trainer` from a committed checkpoint folder (iter_N)."""
+    t0 = time.perf_counter()
+    reader = CheckpointReader(folder)
+    index = reader.index
+    check_model_shape(index, trainer.cfg, folder / "index.json")
+    zero, topo = trainer.zero, trainer.topo
+    opt = zero.optimizer
+    zero.wait()
+    names = _param_names(trainer)
+    has_master = any(n.startswith("master/") for n in reader.tensors)
+    state = index["state"]
+    with_optim = load_optim and not finetune
+    masters, exp_avgs, exp_avg_sqs = [], [], []
+    for f, value in zip(opt.fragments, opt.values):
+        spec = get_shard_spec(f.param)
+        name = names[id(f.param)]
+        if not reader.has(f"model/{name}"):
+            raise CheckpointError(f"{folder / 'index.json'}: no parameter {name} (saved from a different model?)")
+        saved_shape, mine = list(reader.shape(f"model/{name}")), _logical_shape(spec)
+        if saved_shape != mine:
+            raise CheckpointError(f"{folder / 'index.json'}: {name} has shape {saved_shape} in the checkpoint, "
+                                  f"{mine} in this model")
+        start, stop = _region(spec)
+
+        def fragment(kind: str) -> torch.Tensor:
+            return reader.read(f"{kind}/{name}", start, stop).reshape(-1)[f.param_lo:f.param_hi]
+
+        master = fragment("master") if has_master else fragment("model").float()
+        value.copy_(fragment("model") if not has_master or value.dtype != torch.float32 else master)
+        masters.append(master)
+        if with_optim:
+            exp_avgs.append(fragment("exp_avg"))
+            exp_avg_sqs.append(fragment("exp_avg_sq"))
+        else:
+            exp_avgs.append(torch.zeros_like(master))
+            exp_avg_sqs.append(torch.zeros_like(master))
+    opt.import_state(masters, exp_avgs, exp_avg_sqs, state["adam_steps"] if with_optim else 0)
+    zero.storage.after_step()  # stages 1-2: every rank's loaded shard into the full parameter buffer
+    zero.wait()
+    if not finetune:
+        trainer.iteration = state["iteration"]
+        trainer.consumed_samples = state["consumed_samples"]
+        trainer.optimizer_steps = state["optimizer_steps"]
+        trainer.consecutive_skips = state["consecutive_skips"]
+        if with_optim:
+            trainer.scaler.load_state_dict(state["loss_scaler"])
+    saved = index["layout"]
+    same_streams = (saved["tp"], saved["pp"], saved["vp"]) == (topo.tp, topo.pp, trainer.vp)
+    rng_note = "not restored (--no-load-rng / --finetune)"
+    if load_rng and not finetune:
+        if same_streams:
+            entry = index["rng"][f"pp{topo.pp_rank}.tp{topo.tp_rank}"]
+            get = lambda k: reader.get(entry["file"], f"{entry['prefix']}/{k}")  # noqa: E731
+            trainer.rng.load_state_dict({"streams": {s: get(s) for s in entry["streams"]}, "ambient": get("ambient")})
+            rng_note = "restored"
+        else:
+            rng_note = "not restored: tp/pp/vp changed, streams keep this run's seeds"
+    seconds = time.perf_counter() - t0
+    log(f"loaded checkpoint {folder} (iteration {state['iteration']}, saved from tp{saved['tp']} pp{saved['pp']} "
+        f"vp{saved['vp']} dp{saved['dp']} zero{saved['zero_stage']}) in {seconds:.2f} s; optimizer state "
+        f"{'restored' if with_optim else 'reset'}; RNG {rng_note}"
+        f"{'; --finetune: iteration and data position start at 0' if finetune else ''}")
+    return {"seconds": seconds, "iteration": state["iteration"]}
