@@ -39,12 +39,48 @@ def make_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
     return run_dir, created
 
 
+def checkpoint_to_resume(cfg: RunConfig) -> Path | None:
+    """The committed checkpoint folder --load names; None when there is nothing to resume (no --load,
+    or a missing / empty folder: `--save X --load X` starts from scratch the first time)."""
+    from megazero.checkpoint.format import has_checkpoint, resolve_checkpoint
+
+    load = cfg.checkpoint.load
+    if load is None or not has_checkpoint(load):
+        return None
+    return resolve_checkpoint(load)
+
+
+def keep_checkpoint_batch(cfg: RunConfig, folder: Path, world_size: int, log) -> RunConfig:
+    """Elastic resume: unless the batch sizes are given, keep the checkpoint's global batch on this
+    world size by changing gradient accumulation (or say why that cannot work)."""
+    from megazero.checkpoint.format import read_index
+
+    t = cfg.training
+    if t.global_batch_size is not None or t.gradient_accumulation_steps is not None or cfg.checkpoint.finetune:
+        return cfg
+    saved = read_index(folder)["config"]["training"]
+    gbs, micro = saved["global_batch_size"], t.micro_batch_size
+    dp = cfg.data_parallel_size(world_size)
+    if micro is None or gbs % (micro * dp):
+        raise ConfigError(f"{folder}: cannot keep the checkpoint's global batch {gbs} with micro batch {micro} x "
+                          f"data-parallel size {dp} (not a divisor); pass --micro-batch-size dividing {gbs // dp if gbs % dp == 0 else gbs} "
+                          f"or --global-batch-size to change the batch")
+    accum = gbs // (micro * dp)
+    if accum != saved["gradient_accumulation_steps"]:
+        log(f"resume: keeping the checkpoint's global batch {gbs}: gradient accumulation "
+            f"{saved['gradient_accumulation_steps']} -> {accum} (micro {micro} x dp {dp})")
+    return cfg.replace(training={"global_batch_size": gbs})
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Train; returns the run summary (what summary.json holds) on the writing rank, {} elsewhere."""
     env = LaunchEnv.from_environ()
     log = RankPrinter(env.rank)
     try:
         cfg = parse_args(argv, rank=env.rank)
+        resume_from = checkpoint_to_resume(cfg)
+        if resume_from is not None:
+            cfg = keep_checkpoint_batch(cfg, resume_from, env.world_size, log)
         cfg.validate(env.world_size)
         cfg = cfg.resolved(env.world_size)
         backend = resolve_backend(cfg.parallel.distributed_backend)
@@ -52,6 +88,11 @@ def run(argv: list[str] | None = None) -> dict:
 
         data = resolve_data(cfg, log)
         cfg = cfg.replace(model={"vocab_size": data.vocab_size})
+        if resume_from is not None:
+            from megazero.checkpoint.format import read_index
+            from megazero.checkpoint.state import check_model_shape
+
+            check_model_shape(read_index(resume_from), cfg, resume_from / "index.json")
         datasets = build_datasets(cfg, data, env.world_size)
     except ConfigError as err:
         fail(str(err), env.rank)
@@ -81,6 +122,11 @@ def run(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(created, ignore_errors=True)
             fail(str(err), env.rank)
         try:
+            if resume_from is not None:
+                try:
+                    trainer.load(resume_from)
+                except ConfigError as err:  # a corrupted file etc.: the same line on every rank
+                    fail(str(err), env.rank)
             trainer.train()
         finally:
             trainer.close()

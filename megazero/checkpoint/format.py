@@ -89,6 +89,7 @@ def write_rank_file(folder: Path, rank: int, tensors: dict[str, torch.Tensor]) -
     path = folder / rank_filename(rank)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
               metadata={"format": FORMAT_NAME})
+    os.chmod(path, 0o644)  # safetensors creates 0600; checkpoints are read by tools and other users
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     return {"name": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size}

@@ -66,7 +66,7 @@ def layout_of(trainer) -> dict:
 # ----- save ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> dict:
-    """Collective over all ranks. Returns {"path", "seconds", "bytes"} (bytes on rank 0: the whole checkpoint)."""
+    """Collective over all ranks. Returns {"path", "seconds", "bytes" (the whole checkpoint's files)}."""
     t0 = time.perf_counter()
     save = Path(save)
     topo, zero = trainer.topo, trainer.zero
@@ -104,7 +104,7 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
         rng = {"file": fname, "prefix": prefix, "streams": sorted(state["streams"])}
     file_meta = write_rank_file(folder, topo.rank, tensors) if tensors else None
     everyone = comm.all_gather_object((file_meta, entries, rng, (topo.pp_rank, topo.tp_rank)), topo.world_group)
-    total = 0
+    total = sum(meta["bytes"] for meta, *_ in everyone if meta is not None)
     path = save / iteration_dirname(trainer.iteration)
     if topo.rank == 0:
         index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "megazero_version": megazero.__version__,
@@ -113,7 +113,6 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
         for meta, rank_entries, rank_rng, (pp_rank, tp_rank) in everyone:
             if meta is not None:
                 index["files"][meta["name"]] = {"sha256": meta["sha256"], "bytes": meta["bytes"]}
-                total += meta["bytes"]
             for name, shape, dtype, piece in rank_entries:
                 entry = index["tensors"].setdefault(name, {"shape": shape, "dtype": dtype, "pieces": []})
                 entry["pieces"].append(piece)
@@ -149,42 +148,24 @@ def check_model_shape(index: dict, cfg, where: Path) -> None:
 @torch.no_grad()
 def load_checkpoint(trainer, folder: Path, *, load_optim: bool = True, load_rng: bool = True,
                     finetune: bool = False, log=print) -> dict:
-    """Collective over all ranks: restore `trainer` from a committed checkpoint folder (iter_N)."""
+    """Collective over all ranks: restore `trainer` from a committed checkpoint folder (iter_N). Every
+    rank first reads what it needs; a bad file on any rank is the same CheckpointError on all ranks,
+    before anything is changed."""
     t0 = time.perf_counter()
-    reader = CheckpointReader(folder)
-    index = reader.index
-    check_model_shape(index, trainer.cfg, folder / "index.json")
-    zero, topo = trainer.zero, trainer.topo
+    error, plan = None, None
+    try:
+        plan = _read_for_this_rank(trainer, Path(folder), load_optim and not finetune, load_rng and not finetune)
+    except CheckpointError as err:
+        error = str(err)
+    errors = [e for e in comm.all_gather_object(error, trainer.topo.world_group) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    index, values, masters, exp_avgs, exp_avg_sqs, rng = plan
+    zero, state, with_optim = trainer.zero, index["state"], load_optim and not finetune
     opt = zero.optimizer
     zero.wait()
-    names = _param_names(trainer)
-    has_master = any(n.startswith("master/") for n in reader.tensors)
-    state = index["state"]
-    with_optim = load_optim and not finetune
-    masters, exp_avgs, exp_avg_sqs = [], [], []
-    for f, value in zip(opt.fragments, opt.values):
-        spec = get_shard_spec(f.param)
-        name = names[id(f.param)]
-        if not reader.has(f"model/{name}"):
-            raise CheckpointError(f"{folder / 'index.json'}: no parameter {name} (saved from a different model?)")
-        saved_shape, mine = list(reader.shape(f"model/{name}")), _logical_shape(spec)
-        if saved_shape != mine:
-            raise CheckpointError(f"{folder / 'index.json'}: {name} has shape {saved_shape} in the checkpoint, "
-                                  f"{mine} in this model")
-        start, stop = _region(spec)
-
-        def fragment(kind: str) -> torch.Tensor:
-            return reader.read(f"{kind}/{name}", start, stop).reshape(-1)[f.param_lo:f.param_hi]
-
-        master = fragment("master") if has_master else fragment("model").float()
-        value.copy_(fragment("model") if not has_master or value.dtype != torch.float32 else master)
-        masters.append(master)
-        if with_optim:
-            exp_avgs.append(fragment("exp_avg"))
-            exp_avg_sqs.append(fragment("exp_avg_sq"))
-        else:
-            exp_avgs.append(torch.zeros_like(master))
-            exp_avg_sqs.append(torch.zeros_like(master))
+    for value, v in zip(opt.values, values):
+        value.copy_(v)
     opt.import_state(masters, exp_avgs, exp_avg_sqs, state["adam_steps"] if with_optim else 0)
     zero.storage.after_step()  # stages 1-2: every rank's loaded shard into the full parameter buffer
     zero.wait()
@@ -195,20 +176,53 @@ def load_checkpoint(trainer, folder: Path, *, load_optim: bool = True, load_rng:
         trainer.consecutive_skips = state["consecutive_skips"]
         if with_optim:
             trainer.scaler.load_state_dict(state["loss_scaler"])
+    if rng is not None:
+        trainer.rng.load_state_dict(rng)
     saved = index["layout"]
-    same_streams = (saved["tp"], saved["pp"], saved["vp"]) == (topo.tp, topo.pp, trainer.vp)
-    rng_note = "not restored (--no-load-rng / --finetune)"
-    if load_rng and not finetune:
-        if same_streams:
-            entry = index["rng"][f"pp{topo.pp_rank}.tp{topo.tp_rank}"]
-            get = lambda k: reader.get(entry["file"], f"{entry['prefix']}/{k}")  # noqa: E731
-            trainer.rng.load_state_dict({"streams": {s: get(s) for s in entry["streams"]}, "ambient": get("ambient")})
-            rng_note = "restored"
-        else:
-            rng_note = "not restored: tp/pp/vp changed, streams keep this run's seeds"
+    rng_note = ("restored" if rng is not None else "not restored (--no-load-rng / --finetune)" if not load_rng or finetune
+                else "not restored: tp/pp/vp changed, streams keep this run's seeds")
     seconds = time.perf_counter() - t0
     log(f"loaded checkpoint {folder} (iteration {state['iteration']}, saved from tp{saved['tp']} pp{saved['pp']} "
         f"vp{saved['vp']} dp{saved['dp']} zero{saved['zero_stage']}) in {seconds:.2f} s; optimizer state "
         f"{'restored' if with_optim else 'reset'}; RNG {rng_note}"
         f"{'; --finetune: iteration and data position start at 0' if finetune else ''}")
     return {"seconds": seconds, "iteration": state["iteration"]}
+
+
+def _read_for_this_rank(trainer, folder: Path, with_optim: bool, with_rng: bool):
+    """Everything this rank needs, read and checked, nothing applied."""
+    reader = CheckpointReader(folder)
+    index = reader.index
+    where = folder / "index.json"
+    check_model_shape(index, trainer.cfg, where)
+    topo, opt = trainer.topo, trainer.zero.optimizer
+    names = _param_names(trainer)
+    has_master = any(n.startswith("master/") for n in reader.tensors)
+    values, masters, exp_avgs, exp_avg_sqs = [], [], [], []
+    for f, value in zip(opt.fragments, opt.values):
+        spec = get_shard_spec(f.param)
+        name = names[id(f.param)]
+        if not reader.has(f"model/{name}"):
+            raise CheckpointError(f"{where}: no parameter {name} (saved from a different model?)")
+        saved_shape, mine = list(reader.shape(f"model/{name}")), _logical_shape(spec)
+        if saved_shape != mine:
+            raise CheckpointError(f"{where}: {name} has shape {saved_shape} in the checkpoint, {mine} in this model")
+        start, stop = _region(spec)
+
+        def fragment(kind: str) -> torch.Tensor:
+            return reader.read(f"{kind}/{name}", start, stop).reshape(-1)[f.param_lo:f.param_hi]
+
+        model = fragment("model")
+        master = fragment("master") if has_master else model.float()
+        # the stored values when the dtypes agree (exact resume), else the fp32 master rounded once
+        values.append(model if model.dtype == value.dtype else master.to(value.dtype))
+        masters.append(master)
+        exp_avgs.append(fragment("exp_avg") if with_optim else torch.zeros_like(master))
+        exp_avg_sqs.append(fragment("exp_avg_sq") if with_optim else torch.zeros_like(master))
+    rng = None
+    saved = index["layout"]
+    if with_rng and (saved["tp"], saved["pp"], saved["vp"]) == (topo.tp, topo.pp, trainer.vp):
+        entry = index["rng"][f"pp{topo.pp_rank}.tp{topo.tp_rank}"]
+        get = lambda k: reader.get(entry["file"], f"{entry['prefix']}/{k}")  # noqa: E731
+        rng = {"streams": {s: get(s) for s in entry["streams"]}, "ambient": get("ambient")}
+    return index, values, masters, exp_avgs, exp_avg_sqs, rng

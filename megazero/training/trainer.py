@@ -284,6 +284,7 @@ class Trainer:
         self.last_saved = self.iteration if c.load else None
         self._sigterm = _SigtermFlag() if c.save else None
         history: list[StepRecord] = []
+        stop: str | None = None
         batches = self._batches("train", self.consumed_samples)
         tokens_per_iter = self.global_batch * self.cfg.model.seq_length
         interval_start, interval_iters = time.perf_counter(), 0
@@ -324,21 +325,18 @@ class Trainer:
             if stop is not None:
                 self.log_writer(f"{stop}: stopping at iteration {record.iteration}"
                                 + (" after saving a checkpoint" if c.save else ""))
-                if c.save and self.last_saved != self.iteration:
-                    self.save()
-                self.zero.wait()
-                self.summary = {"exit_reason": stop, "iteration": self.iteration}
-                return history
+                break
             if record.iteration % t.log_interval == 0 or record.iteration % t.eval_interval == 0:
                 # throughput intervals start after logging / evaluation, so they measure training only
                 interval_start, interval_iters = time.perf_counter(), 0
         self.zero.wait()  # no parameter gather may outlive training (teardown, checkpoints)
         if c.save and self.last_saved != self.iteration:
             self.save()
-        if timeline_out:
+        if timeline_out and stop is None:
             self._save_timeline(Path(timeline_out), timeline_events)
-        test = self.evaluate("test")
+        test = self.evaluate("test") if stop is None else None  # an early stop is resumed, not finished
         self.summary = self.monitor.close({"test_lm_loss": test, "num_parameters": self.num_parameters,
                                            "world_size": self.topo.world_size, "tp": self.topo.tp,
-                                           "dp": self.topo.dp, "pp": self.topo.pp})
+                                           "dp": self.topo.dp, "pp": self.topo.pp, "iteration": self.iteration,
+                                           "exit_reason": stop or "train-iters reached"})
         return history

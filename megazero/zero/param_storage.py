@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from megazero import comm
+from megazero.tensor_parallel.sharding import get_shard_spec, set_shard_spec
 from megazero.zero.layout import BufferLayout, Fragment
 
 
@@ -45,6 +46,8 @@ class ParamStorage:
                 p.data = view
         elif stage == 3:
             self.shapes = {id(p): p.shape for p in params}
+            for p in params:  # the global shape must outlive the storage swap (checkpoints, norms read it)
+                set_shard_spec(p, get_shard_spec(p))
             self.shards: dict[int, torch.Tensor] = {}
             for b in layout.buckets:
                 full = torch.zeros(b.numel, dtype=self.dtype, device=device)
