@@ -13,6 +13,7 @@ import sys
 from collections import defaultdict
 
 from megazero.config import RunConfig
+from megazero.errors import ConfigError
 
 
 class _OneRankParser(argparse.ArgumentParser):
@@ -35,6 +36,18 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         sys.stderr.write(f"error: {message} (see --help)\n")
         sys.exit(2)
+
+
+def run_tool(run, parser: argparse.ArgumentParser, argv=None) -> int:
+    """A tool's main(): parse, run(args), and turn ConfigError / OSError into one `error: ...` line and
+    exit code 2 (the project's bad-input contract)."""
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, OSError) as e:
+        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
+        return 2
+    return 0
 
 
 def build_parser(rank: int = 0) -> argparse.ArgumentParser:

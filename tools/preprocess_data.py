@@ -32,7 +32,7 @@ from megazero.data.indexed_dataset import bin_path, idx_path
 from megazero.data.preprocess import write_dataset
 from megazero.data.text_input import SPLIT_MODES, check_input_file, is_json_lines, iter_documents
 from megazero.data.tokenizer import Tokenizer, train_tokenizer
-from megazero.cli import OneLineParser
+from megazero.cli import OneLineParser, run_tool
 from megazero.errors import ConfigError
 
 
@@ -104,13 +104,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, OSError) as e:
-        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
-        return 2
-    return 0
+    return run_tool(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

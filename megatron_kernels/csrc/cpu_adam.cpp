@@ -208,8 +208,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
           py::arg("low_precision_out"), py::arg("step"), py::arg("lr"), py::arg("beta1"),
           py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("grad_scale"),
-          py::arg("adamw"));
+          py::arg("adamw"), py::call_guard<py::gil_scoped_release>());
   mod.def("nonfinite", &nonfinite, "read-only check: any non-finite grad*grad_scale",
-          py::arg("grad"), py::arg("grad_scale") = 1.0);
+          py::arg("grad"), py::arg("grad_scale") = 1.0, py::call_guard<py::gil_scoped_release>());
   mod.def("isa", &isa, "the ISA variant chosen at runtime: avx512, avx2 or generic");
 }

@@ -1,2 +1,3 @@
 """Topology-independent checkpoints: format.py (files, index, atomic commit, reader), state.py (a
 Trainer <-> a checkpoint, any layout), api.py (`load_model`: a single-process model for tools)."""
+from megazero.checkpoint.api import load_model  # noqa: E402,F401

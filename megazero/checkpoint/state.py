@@ -13,6 +13,7 @@ step. Trainer counters, loss scaler and (same tp/pp/vp only) RNG streams are res
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import megazero
 from megazero import comm
 from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, CheckpointError, CheckpointReader, Piece,
                                         commit, iteration_dirname, partial_dir, prepare_partial, rank_filename,
-                                        write_rank_file)
+                                        sha256_of, write_rank_file)
 from megazero.tensor_parallel.sharding import ShardSpec, get_shard_spec
 
 # model fields that must agree between a checkpoint and the run loading it
@@ -74,6 +75,9 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
     zero.wait()
     if topo.rank == 0:
         prepare_partial(save, trainer.iteration)
+        tokenizer = getattr(trainer, "tokenizer_model", None)
+        if tokenizer is not None and Path(tokenizer).is_file():  # so exports need no data cache
+            shutil.copyfile(tokenizer, partial_dir(save, trainer.iteration) / "tokenizer.model")
     _barrier(trainer)
     folder = partial_dir(save, trainer.iteration)
     names = _param_names(trainer)
@@ -110,6 +114,10 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
         index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "megazero_version": megazero.__version__,
                  "iteration": trainer.iteration, "layout": layout_of(trainer), "config": trainer.cfg.to_dict(),
                  "state": trainer_state(trainer), "tensors": {}, "files": {}, "rng": {}}
+        tokenizer_copy = partial_dir(save, trainer.iteration) / "tokenizer.model"
+        if tokenizer_copy.is_file():
+            index["files"][tokenizer_copy.name] = {"sha256": sha256_of(tokenizer_copy),
+                                                   "bytes": tokenizer_copy.stat().st_size}
         for meta, rank_entries, rank_rng, (pp_rank, tp_rank) in everyone:
             if meta is not None:
                 index["files"][meta["name"]] = {"sha256": meta["sha256"], "bytes": meta["bytes"]}
@@ -180,7 +188,8 @@ def load_checkpoint(trainer, folder: Path, *, load_optim: bool = True, load_rng:
         trainer.rng.load_state_dict(rng)
     saved = index["layout"]
     rng_note = ("restored" if rng is not None else "not restored (--no-load-rng / --finetune)" if not load_rng or finetune
-                else "not restored: tp/pp/vp changed, streams keep this run's seeds")
+                else "not restored: tp/pp/vp changed (or the checkpoint was resharded offline), streams keep this "
+                     "run's seeds")
     seconds = time.perf_counter() - t0
     log(f"loaded checkpoint {folder} (iteration {state['iteration']}, saved from tp{saved['tp']} pp{saved['pp']} "
         f"vp{saved['vp']} dp{saved['dp']} zero{saved['zero_stage']}) in {seconds:.2f} s; optimizer state "
@@ -221,8 +230,8 @@ def _read_for_this_rank(trainer, folder: Path, with_optim: bool, with_rng: bool)
         exp_avg_sqs.append(fragment("exp_avg_sq") if with_optim else torch.zeros_like(master))
     rng = None
     saved = index["layout"]
-    if with_rng and (saved["tp"], saved["pp"], saved["vp"]) == (topo.tp, topo.pp, trainer.vp):
-        entry = index["rng"][f"pp{topo.pp_rank}.tp{topo.tp_rank}"]
+    entry = index.get("rng", {}).get(f"pp{topo.pp_rank}.tp{topo.tp_rank}")  # none after an offline reshard
+    if with_rng and entry is not None and (saved["tp"], saved["pp"], saved["vp"]) == (topo.tp, topo.pp, trainer.vp):
         get = lambda k: reader.get(entry["file"], f"{entry['prefix']}/{k}")  # noqa: E731
         rng = {"streams": {s: get(s) for s in entry["streams"]}, "ambient": get("ambient")}
     return index, values, masters, exp_avgs, exp_avg_sqs, rng

@@ -72,6 +72,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, topo: Topology, data: ResolvedData, device: torch.device,
                  run_dir: Path | None, log: Callable[[str], None], datasets: dict | None = None):
         self.cfg, self.topo, self.device, self.log = cfg, topo, device, log
+        self.tokenizer_model = data.tokenizer_model  # checkpoints carry a copy (Hugging Face export)
         m, t, o = cfg.model, cfg.training, cfg.optimizer
         self.global_batch = cfg.global_batch_size(topo.world_size)
         self.num_microbatches = cfg.num_microbatches(topo.world_size)

@@ -131,10 +131,13 @@ class HostStateStore:
     def init(self, i: int) -> torch.Tensor:
         return self.blocks[i]
 
-    def acquire(self, i: int) -> torch.Tensor:
+    def acquire(self, i: int, following: int | None = -1) -> torch.Tensor:
         return self.blocks[i]
 
     def release(self, i: int, sync: _DeviceSync | None = None) -> None:
+        pass
+
+    def forget(self) -> None:
         pass
 
     def finish(self) -> None:
@@ -172,6 +175,9 @@ class NvmeStateStore:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="megazero-nvme")
         self.reads: dict[int, Future] = {}
         self.writes: dict[int, Future] = {}  # slot -> the write of the sub-group last stepped in it
+        # slot -> the sub-group whose current state it holds (equal to its file once the write is
+        # done, or about to be there once the pending read is): acquiring it needs no read
+        self.held: dict[int, int] = {}
         self.fds: list[int] = []
         self.direct = True
         for i, nbytes in enumerate(self.nbytes_of):
@@ -185,7 +191,7 @@ class NvmeStateStore:
             try:
                 return os.open(name, flags | os.O_DIRECT, 0o600)
             except OSError as err:
-                if err.errno != errno.EINVAL:  # EINVAL: the filesystem has no O_DIRECT (tmpfs)
+                if err.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
                     raise
         self.direct = False
         return os.open(name, flags, 0o600)
@@ -204,6 +210,7 @@ class NvmeStateStore:
         threads, so the caller goes on stepping the other slot meanwhile."""
         slot = i % 2
         write, sync = self.writes.pop(slot, None), self.slot_sync[slot]
+        self.held[slot] = i
 
         def read() -> None:
             if write is not None:
@@ -216,15 +223,38 @@ class NvmeStateStore:
     def init(self, i: int) -> torch.Tensor:
         """A slot to fill with sub-group i's initial state; `release(i)` writes it."""
         self._wait_slot(i % 2)
+        self.held[i % 2] = i
         return self._block(i % 2, i)
 
-    def acquire(self, i: int) -> torch.Tensor:
-        if i == 0:
-            self._start_read(0)
-        self.reads.pop(i).result()
-        if i + 1 < len(self.sizes):
-            self._start_read(i + 1)  # overlaps stepping sub-group i
+    def _needs_read(self, i: int) -> bool:
+        return i not in self.reads and self.held.get(i % 2) != i
+
+    def acquire(self, i: int, following: int | None = -1) -> torch.Tensor:
+        """Sub-group i's state in its slot, read unless the slot still holds it; then start reading
+        `following` (the next sub-group of this pass; -1: i + 1, None: none) so the read overlaps
+        stepping i.
+        Consecutive sub-groups use different slots in either direction, so a pass that starts where
+        the previous one ended (reversed order) finds its first two sub-groups already held."""
+        if following == -1:
+            following = i + 1 if i + 1 < len(self.sizes) else None
+        if self._needs_read(i):
+            self._start_read(i)
+        if i in self.reads:
+            self.reads.pop(i).result()
+        else:
+            self._wait_slot(i % 2)  # held: its last write must be done before the step modifies it
+        if following is not None and self._needs_read(following):
+            self._start_read(following)  # overlaps stepping sub-group i
         return self._block(i % 2, i)
+
+    def forget(self) -> None:
+        """After a failed step: trust only the files."""
+        self.held.clear()
+
+    def invalidate(self) -> None:
+        """Forget what the slots hold (call after anything but this store writes the files)."""
+        self.finish()
+        self.held.clear()
 
     def release(self, i: int, sync: _DeviceSync | None = None) -> None:
         slot = i % 2
@@ -250,6 +280,18 @@ class NvmeStateStore:
         self._finalizer()
 
 
+def _filesystem_of(path: str) -> str | None:
+    """The filesystem type of the mount holding path (Linux /proc/mounts), for the run log."""
+    try:
+        mounts = [line.split()[1:3] for line in open("/proc/mounts", encoding="utf-8")]
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
 class OffloadedAdam:
     """Adam(W) over host- or NVMe-resident state for the ZeRO optimizer's fragments."""
 
@@ -261,6 +303,7 @@ class OffloadedAdam:
         self.values, self.mode, self.device = values, mode, device
         self.betas, self.eps, self.weight_decay, self.adamw = betas, eps, weight_decay, adamw
         self.step_count = 0  # successful steps (torch's state["step"])
+        self._reverse = True  # nvme: direction of the next pass over the sub-groups
         pin = device.type == "cuda"
         self.model_dtype = values[0].dtype if values else torch.float32
         self.low_precision = self.model_dtype != torch.float32
@@ -327,9 +370,25 @@ class OffloadedAdam:
                 self._fill_grads(i, grads)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # device->host gradient copies landed
+        order = list(range(len(self.groups)))
+        if self.mode == "nvme":
+            # Alternate the direction (initialisation went forward): each pass starts with the two
+            # sub-groups the last one ended with, still in the slots, so min(2, k) reads are saved
+            # per step (every read when k <= 2) and the first read no longer stalls the step.
+            if self._reverse:
+                order.reverse()
+            self._reverse = not self._reverse
+        try:
+            self._step_in_order(order, grads, grad_scale, lr)
+        except BaseException:
+            self.store.forget()  # a slot may now hold state its file does not: read everything next time
+            raise
+
+    def _step_in_order(self, order: list[int], grads: list[torch.Tensor], grad_scale: float, lr: float) -> None:
         beta1, beta2 = self.betas
-        for i, pieces in enumerate(self.groups):
-            state = self.store.acquire(i)
+        for pos, i in enumerate(order):
+            pieces = self.groups[i]
+            state = self.store.acquire(i, order[pos + 1] if pos + 1 < len(order) else None)
             if self.mode == "nvme":
                 self.sync[i % 2].wait()  # this slot's previous host->device copies are done
                 grad = self._fill_grads(i, grads)
@@ -363,6 +422,8 @@ class OffloadedAdam:
         where = "host memory"
         if isinstance(self.store, NvmeStateStore):
             io = "O_DIRECT" if self.store.direct else "buffered IO"
+            if _filesystem_of(self.store.dir) in ("tmpfs", "ramfs"):
+                io += "; the path is in RAM (tmpfs), not on a disk"
             where = f"{self.nvme_bytes() / mib:.1f} MiB of files in {self.store.dir} ({io})"
         return (f"optimizer offload: {self.mode}: fp32 state in {where}, {len(self.groups)} sub-group(s), "
                 f"host memory {self.host_bytes() / mib:.1f} MiB; {adam}")

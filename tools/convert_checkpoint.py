@@ -1,0 +1,424 @@
+r"""Convert megazero checkpoints: reshard offline, export to / import from Hugging Face GPT-2.
+
+    # reshard: write the checkpoint exactly as a tp1 pp2 dp2 ZeRO-2 run would have saved it
+    python tools/convert_checkpoint.py --load ckpt --save ckpt_tp1pp2 --target-tp 1 --target-pp 2 \
+        --target-dp 2 --target-zero-stage 2
+    # Hugging Face export: model.safetensors + config.json (GPT2LMHeadModel) + tokenizer.model
+    python tools/convert_checkpoint.py --load ckpt --to-hf hf_model
+    # Hugging Face import: a GPT2LMHeadModel folder -> a megazero checkpoint at iteration 0
+    python tools/convert_checkpoint.py --from-hf hf_model --save ckpt_from_hf --target-tp 2
+
+Loading needs no conversion (any layout reads any checkpoint); resharding offline gives files shaped
+for the target layout (each rank reads one file) and a config/layout that says what it is. Outputs
+appear only complete: a checkpoint is committed like a training save (iter_N.partial, then renamed,
+then `latest`); an HF folder is written beside OUT and renamed. Bad input: one line `error: ...` on
+stderr and exit code 2, naming the file and the mismatch. See docs/checkpoint_tools.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+try:
+    import megazero  # noqa: F401
+except ImportError:  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm import tqdm
+
+import megazero
+from megazero.checkpoint.api import (TOKENIZER_FILE, checkpoint_folder, layout_dict, locate_tokenizer,
+                                     model_state_dict, plan_layout, read_full_region, run_config_from_dict,
+                                     validate_layout, write_layout)
+from megazero.checkpoint.format import INDEX, CheckpointReader
+from megazero.cli import OneLineParser, run_tool
+from megazero.config import ModelConfig, RunConfig
+from megazero.errors import ConfigError
+
+HF_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+# ModelConfig fields the GPT-2 mapping (megazero/model/hf_gpt2.py) represents; others must keep a value
+# GPT-2 has (checked in hf_refusal)
+_HF_MAPPED = {"num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+              "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by", "hidden_dropout",
+              "attention_dropout", "init_method_std", "layernorm_epsilon", "fused_kernels"}
+_GPT2_VALUES = {"normalization": ("layernorm", "LayerNorm")}  # settings other versions may add
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description="Reshard a megazero checkpoint offline, or convert it to / from a Hugging "
+                                  "Face GPT2LMHeadModel folder.")
+    p.add_argument("--load", metavar="DIR", help="the checkpoint: a --save folder (its latest) or one iter_N folder")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--save", metavar="OUT",
+                      help="write a checkpoint (reshard with --load, or import with --from-hf)")
+    mode.add_argument("--to-hf", metavar="OUT", help="write a Hugging Face GPT2LMHeadModel folder")
+    p.add_argument("--from-hf", metavar="IN", help="import a GPT2LMHeadModel folder (config.json + model.safetensors "
+                                                   "or pytorch_model.bin) into --save OUT at iteration 0")
+    g = p.add_argument_group("target layout (--save)")
+    g.add_argument("--target-tp", type=int, metavar="T", help="tensor-parallel size (reshard: required; import: 1)")
+    g.add_argument("--target-pp", type=int, metavar="P", help="pipeline-parallel size (reshard: required; import: 1)")
+    g.add_argument("--target-vp", type=int, default=1, metavar="V", help="model chunks per pipeline stage (default 1)")
+    g.add_argument("--target-dp", type=int, default=1, metavar="D",
+                   help="data-parallel size: decides the ZeRO fragments in the files (default 1)")
+    g.add_argument("--target-zero-stage", type=int, choices=[0, 1, 2, 3], metavar="Z",
+                   help="ZeRO stage (default: the checkpoint's; import: 0)")
+    g = p.add_argument_group("Hugging Face")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="--to-hf: weights dtype (default fp32: the fp32 masters when the run was bf16/fp16)")
+    g.add_argument("--tokenizer-model", metavar="FILE",
+                   help="--to-hf: the sentencepiece model to copy as tokenizer.model (default: found from the "
+                        "checkpoint's config)")
+    g.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="--from-hf: the checkpoint's model dtype (bf16/fp16 also store fp32 masters; default fp32)")
+    g.add_argument("--seq-length", type=int, metavar="N",
+                   help="--from-hf: training sequence length in the config (default: the model's positions)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128, metavar="N",
+                   help="--from-hf: vocabulary padding multiple (default 128)")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The mode (reshard / to-hf / from-hf), or a usage error."""
+    if args.from_hf is not None:
+        if args.load is not None:
+            p.error("--from-hf IN imports a Hugging Face folder: drop --load")
+        if args.save is None:
+            p.error("--from-hf IN needs --save OUT")
+        return "from-hf"
+    if args.load is None:
+        p.error("--load DIR is required (or --from-hf IN)")
+    if args.to_hf is not None:
+        given = [f for f in ("target_tp", "target_pp", "target_zero_stage") if getattr(args, f) is not None]
+        if given or args.target_vp != 1 or args.target_dp != 1:
+            p.error("--target-* options apply to --save, not --to-hf")
+        return "to-hf"
+    if args.target_tp is None or args.target_pp is None:
+        p.error("resharding (--load DIR --save OUT) needs --target-tp and --target-pp")
+    return "reshard"
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="piece", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def check_new_output(out: Path, flag: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{flag} {out}: already exists and is not an empty folder; choose a new folder")
+
+
+def target_config(config: dict, args: argparse.Namespace) -> tuple[dict, RunConfig, list[str]]:
+    """(the index config with the target layout, its RunConfig, notes)."""
+    notes = []
+    new = copy.deepcopy(config)
+    par, zero = new.setdefault("parallel", {}), new.setdefault("zero", {})
+    old_pp, old_vp = par.get("pipeline_model_parallel_size", 1), run_config_from_dict(config).virtual_pipeline_size()
+    par.update(tensor_model_parallel_size=args.target_tp, pipeline_model_parallel_size=args.target_pp,
+               virtual_pipeline_model_parallel_size=args.target_vp if args.target_vp != 1 else None,
+               num_layers_per_virtual_pipeline_stage=None)
+    if (args.target_pp, args.target_vp) != (old_pp, old_vp):
+        for key in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+            if par.get(key) is not None:
+                notes.append(f"{key.replace('_', '-')} {par[key]} dropped (the pipeline changed): layers split evenly")
+                par[key] = None
+    if args.target_zero_stage is not None:
+        zero["stage"] = args.target_zero_stage
+    if zero.get("stage", 0) == 0 and zero.get("offload_optimizer", "none") != "none":
+        notes.append(f"offload-optimizer {zero['offload_optimizer']} dropped (ZeRO stage 0 cannot offload)")
+        zero["offload_optimizer"], zero["offload_nvme_path"] = "none", None
+    if zero.get("stage", 0) != 3 and zero.get("offload_param", "none") != "none":
+        notes.append(f"offload-param {zero['offload_param']} dropped (only ZeRO stage 3 shards parameters)")
+        zero["offload_param"] = "none"
+    cfg = run_config_from_dict(new)
+    try:
+        validate_layout(cfg, args.target_dp)
+    except ConfigError as err:
+        raise ConfigError(f"target layout tp{args.target_tp} pp{args.target_pp} vp{args.target_vp} dp{args.target_dp}: "
+                          f"{err}") from None
+    return new, cfg, notes
+
+
+# ----- reshard -------------------------------------------------------------------------------------------
+def reshard(args: argparse.Namespace) -> None:
+    src = checkpoint_folder(args.load)
+    out = Path(args.save)
+    check_new_output(out, "--save")
+    if out.resolve() in (src.resolve(), src.parent.resolve()):
+        raise ConfigError(f"--save {out}: the same folder as --load; choose a new folder")
+    reader = CheckpointReader(src)
+    index = reader.index
+    config, cfg, notes = target_config(index["config"], args)
+    target = layout_dict(cfg, args.target_dp)
+    saved = index["layout"]
+    plan = plan_layout(cfg, args.target_dp)
+    tensors = {n: (list(t["shape"]), t["dtype"]) for n, t in reader.tensors.items()}
+    rng, rng_index = {}, {}
+    if (saved["tp"], saved["pp"], saved["vp"]) == (target["tp"], target["pp"], target["vp"]):
+        from megazero.topology import GridShape, coords_to_rank
+
+        grid = GridShape(target["world"], target["tp"], target["pp"])
+        for coords, entry in index.get("rng", {}).items():
+            pp_rank, tp_rank = (int(x[2:]) for x in coords.split("."))
+            rank = coords_to_rank(pp_rank, 0, tp_rank, grid)  # dp rank 0 saves the streams
+            names = [*entry["streams"], "ambient"]
+            rng[rank] = {f"{entry['prefix']}/{s}": reader.get(entry["file"], f"{entry['prefix']}/{s}") for s in names}
+            rng_index[coords] = {**entry, "file": f"rank{rank:05d}.safetensors"}
+        rng_note = "RNG streams copied (tp, pp and vp unchanged)"
+    else:
+        rng_note = ("RNG streams not copied: tp/pp/vp changed, so a run loading this checkpoint keeps its own seeds "
+                    "(as when it loads the original)")
+    new_index = {key: value for key, value in index.items() if key not in ("tensors", "files", "rng")}
+    new_index.update(megazero_version=megazero.__version__, layout=target, config=config, rng=rng_index,
+                     converted_from={"path": str(src.resolve()), "layout": saved,
+                                     "megazero_version": index.get("megazero_version")})
+    extra = [src / TOKENIZER_FILE] if (src / TOKENIZER_FILE).is_file() else []
+    with _bar(len(plan), "resharding") as bar:
+        path = write_layout(out, new_index, plan, tensors, reader.read, rng=rng, extra_files=extra, bar=bar)
+    describe = lambda lt: (f"tp{lt['tp']} pp{lt['pp']} vp{lt['vp']} dp{lt['dp']} zero{lt['zero_stage']}")  # noqa: E731
+    for note in notes:
+        print(f"note: {note}")
+    print(f"note: {rng_note}")
+    print(f"wrote {path} (iteration {index['iteration']}): {describe(saved)} -> {describe(target)}, "
+          f"{target['world']} rank(s), {_size(path)}")
+
+
+def _size(folder: Path) -> str:
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return f"{total / 2**20:.1f} MiB"
+
+
+# ----- Hugging Face export -------------------------------------------------------------------------------
+def hf_refusal(model: dict) -> str | None:
+    """Why HF GPT-2 cannot represent this model, or None."""
+    defaults = {f: getattr(ModelConfig(), f) for f in ModelConfig.__dataclass_fields__}
+    for key, value in sorted(model.items()):
+        if key in _HF_MAPPED:
+            continue
+        if key in _GPT2_VALUES:
+            if value in _GPT2_VALUES[key]:
+                continue
+        elif key in defaults and value == defaults[key]:
+            continue  # a setting this megazero knows, at its (GPT-2) default
+        return f"model setting {key}={value!r} has no Hugging Face GPT-2 equivalent (hf_gpt2 maps GPT-2 models only)"
+    return None
+
+
+def to_hf(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    from megazero.model.hf_gpt2 import hf_gpt2_config, to_hf_gpt2_state_dict
+
+    src = checkpoint_folder(args.load)
+    out = Path(args.to_hf)
+    check_new_output(out, "--to-hf")
+    index = CheckpointReader(src, verify=False).index
+    why = hf_refusal(index["config"]["model"])
+    if why:
+        raise ConfigError(f"{src / INDEX}: cannot export to Hugging Face GPT2LMHeadModel: {why}")
+    if args.tokenizer_model:
+        tokenizer, how = Path(args.tokenizer_model), "--tokenizer-model"
+        if not tokenizer.is_file():
+            raise ConfigError(f"--tokenizer-model {tokenizer}: file not found")
+    else:
+        tokenizer, how = locate_tokenizer(src, index)
+    eod = None
+    if tokenizer is not None:
+        from megazero.data.tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer)
+        if tok.vocab_size != index["config"]["model"]["vocab_size"]:
+            raise ConfigError(f"--tokenizer-model {tokenizer}: vocabulary size {tok.vocab_size}, the model has "
+                              f"{index['config']['model']['vocab_size']}")
+        eod = tok.eod_id
+    state, cfg, _ = model_state_dict(src, dtype=args.dtype)
+    try:
+        hf = to_hf_gpt2_state_dict(state, cfg)
+    except (KeyError, ValueError) as err:  # a model hf_gpt2 cannot map (other parameters or shapes)
+        raise ConfigError(f"{src / INDEX}: cannot export to Hugging Face GPT2LMHeadModel: "
+                          f"{str(err).strip(chr(34) + chr(39))}") from None
+    hf.pop("lm_head.weight")  # tied to transformer.wte.weight (HF re-ties on load; safetensors stores no aliases)
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+              **hf_gpt2_config(cfg, bos_token_id=eod, eos_token_id=eod),
+              "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype],
+              "megazero": {"checkpoint": str(src.resolve()), "iteration": index["iteration"],
+                           "megazero_version": index.get("megazero_version")}}
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weights = {}
+        for name in tqdm(sorted(hf), desc="exporting", unit="tensor", file=sys.stderr, leave=False):
+            weights[name] = hf[name].contiguous()
+        save_file(weights, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        os.chmod(tmp / HF_WEIGHTS, 0o644)  # safetensors creates 0600
+        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out}: GPT2LMHeadModel ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+          f"{args.dtype}) from {src} (iteration {index['iteration']}), {_size(out)}")
+    if tokenizer is not None:
+        print(f"tokenizer: copied {how} as {out / TOKENIZER_FILE} (a sentencepiece model: load it with "
+              f"sentencepiece; eos/bos id {eod})")
+    else:
+        print(f"note: no tokenizer copied: {how}")
+
+
+# ----- Hugging Face import -------------------------------------------------------------------------------
+def read_hf_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise ConfigError(f"--from-hf {folder}: no such folder")
+    config_path = folder / HF_CONFIG
+    try:
+        return json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{config_path}: unreadable Hugging Face config ({' '.join(str(err).split())})") from None
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a Hugging Face folder, with GPT2LMHeadModel names."""
+    from safetensors import safe_open
+
+    if (folder / HF_WEIGHTS).is_file():
+        files = [folder / HF_WEIGHTS]
+    elif (folder / "model.safetensors.index.json").is_file():
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    elif (folder / "pytorch_model.bin").is_file():
+        files = [folder / "pytorch_model.bin"]
+    else:
+        raise ConfigError(f"--from-hf {folder}: no model.safetensors, model.safetensors.index.json or "
+                          f"pytorch_model.bin")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            if path.suffix == ".bin":
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+            else:
+                with safe_open(str(path), framework="pt") as f:
+                    state.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as err:
+            raise ConfigError(f"{path}: unreadable weights file ({' '.join(str(err).split())})") from None
+    if not any(k.startswith("transformer.") for k in state):  # saved from GPT2Model (the hub's "gpt2" repo)
+        state = {(k if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in state.items()}
+    return state
+
+
+def model_config_from_hf(config: dict, where: Path, args: argparse.Namespace) -> ModelConfig:
+    def refuse(why: str):
+        raise ConfigError(f"{where}: cannot import: {why}")
+
+    if config.get("model_type") != "gpt2":
+        refuse(f"model_type {config.get('model_type')!r}, not a GPT-2 model (gpt2)")
+    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        refuse(f"activation_function {config['activation_function']!r}; megazero's GPT uses tanh-approximate GELU "
+               f"(gelu_new)")
+    for key, gpt2 in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False), ("tie_word_embeddings", True)):
+        if config.get(key, gpt2) != gpt2:
+            refuse(f"{key} {config[key]}; megazero's GPT has {key} {gpt2}")
+    try:
+        n_positions = config.get("n_positions", config.get("n_ctx", 1024))
+        cfg = ModelConfig(num_layers=config["n_layer"], hidden_size=config["n_embd"],
+                          num_attention_heads=config["n_head"], ffn_hidden_size=config.get("n_inner"),
+                          seq_length=args.seq_length or n_positions, max_position_embeddings=n_positions,
+                          vocab_size=config["vocab_size"],
+                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                          hidden_dropout=config.get("resid_pdrop", 0.1),
+                          attention_dropout=config.get("attn_pdrop", 0.1),
+                          init_method_std=config.get("initializer_range", 0.02),
+                          layernorm_epsilon=config.get("layer_norm_epsilon", 1e-5))
+    except KeyError as err:
+        refuse(f"config has no {err}")
+    if cfg.seq_length > cfg.max_positions:
+        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's {cfg.max_positions} positions")
+    return cfg
+
+
+def from_hf(args: argparse.Namespace) -> None:
+    from megazero.model.hf_gpt2 import from_hf_gpt2_state_dict
+    from megazero.optim.loss_scaler import build_loss_scaler
+    from megazero.random import RNGStreams
+    from megazero.topology import GridShape, coords_to_rank
+
+    src, out = Path(args.from_hf), Path(args.save)
+    check_new_output(out, "--save")
+    mcfg = model_config_from_hf(read_hf_config(src), src / HF_CONFIG, args)
+    cfg = RunConfig(model=mcfg).replace(
+        parallel={"tensor_model_parallel_size": args.target_tp or 1,
+                  "pipeline_model_parallel_size": args.target_pp or 1,
+                  "virtual_pipeline_model_parallel_size": args.target_vp if args.target_vp != 1 else None},
+        zero={"stage": args.target_zero_stage or 0}, precision={"params_dtype": args.params_dtype})
+    validate_layout(cfg, args.target_dp)
+    # the batch sizes explicit, as a run records them (a resume keeps the checkpoint's global batch)
+    cfg = cfg.resolved(cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+                       * args.target_dp)
+    try:
+        state = from_hf_gpt2_state_dict(read_hf_weights(src), mcfg, padded_vocab_size=mcfg.vocab_size)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"{src}: weights do not match {HF_CONFIG}: {str(err).strip(chr(34) + chr(39))}") from None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.params_dtype]
+    full: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        full[f"model/{name}"] = value.to(dtype)
+        if dtype != torch.float32:
+            full[f"master/{name}"] = value.float()
+        full[f"exp_avg/{name}"] = torch.zeros(value.shape)  # fresh Adam (adam_steps 0): a plain --load works
+        full[f"exp_avg_sq/{name}"] = torch.zeros(value.shape)
+    tensors = {n: (list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in full.items()}
+    pr = cfg.precision
+    scaler = build_loss_scaler(pr.params_dtype, pr.loss_scale, pr.initial_loss_scale, pr.loss_scale_window,
+                               pr.hysteresis, pr.min_loss_scale)
+    layout = layout_dict(cfg, args.target_dp)
+    grid = GridShape(layout["world"], layout["tp"], layout["pp"])
+    rng, rng_index = {}, {}
+    with torch.random.fork_rng(devices=[]):  # the streams a fresh run of this config starts with
+        for pp_rank in range(layout["pp"]):
+            for tp_rank in range(layout["tp"]):
+                streams = RNGStreams(cfg.training.seed, tp_rank, pp_rank, torch.device("cpu")).state_dict()
+                rank, prefix = coords_to_rank(pp_rank, 0, tp_rank, grid), f"rng/pp{pp_rank}.tp{tp_rank}"
+                rng[rank] = {f"{prefix}/{s}": t for s, t in streams["streams"].items()}
+                rng[rank][f"{prefix}/ambient"] = streams["ambient"]
+                rng_index[f"pp{pp_rank}.tp{tp_rank}"] = {"file": f"rank{rank:05d}.safetensors", "prefix": prefix,
+                                                         "streams": sorted(streams["streams"])}
+    index = {"megazero_version": megazero.__version__, "iteration": 0, "layout": layout, "config": cfg.to_dict(),
+             "state": {"iteration": 0, "consumed_samples": 0, "optimizer_steps": 0, "consecutive_skips": 0,
+                       "adam_steps": 0, "loss_scaler": scaler.state_dict()},
+             "rng": rng_index, "imported_from": {"path": str(src.resolve()), "format": "huggingface-gpt2"}}
+    plan = plan_layout(cfg, args.target_dp)
+    extra = [src / TOKENIZER_FILE] if (src / TOKENIZER_FILE).is_file() else []
+    with _bar(len(plan), "importing") as bar:
+        path = write_layout(out, index, plan, tensors, lambda n, a, b: read_full_region(full[n], a, b), rng=rng,
+                            extra_files=extra, bar=bar)
+    print(f"wrote {path} (iteration 0) from {src}: {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
+          f"{mcfg.num_attention_heads} heads, vocab {mcfg.vocab_size}, positions {mcfg.max_positions}; "
+          f"tp{layout['tp']} pp{layout['pp']} vp{layout['vp']} dp{layout['dp']} zero{layout['zero_stage']}, "
+          f"{args.params_dtype}; "
+          f"Adam moments zero (adam_steps 0): a plain --load starts a fresh optimizer, {_size(path)}")
+    print(f"tokenizer: copied {path / TOKENIZER_FILE}" if extra
+          else f"tokenizer: none ({src / TOKENIZER_FILE} not found)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+
+    def convert(args: argparse.Namespace) -> None:
+        {"reshard": reshard, "to-hf": to_hf, "from-hf": from_hf}[check_args(parser, args)](args)
+    return run_tool(convert, parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
