@@ -59,12 +59,14 @@ def keep_checkpoint_batch(cfg: RunConfig, folder: Path, world_size: int, log) ->
     if t.global_batch_size is not None or t.gradient_accumulation_steps is not None or cfg.checkpoint.finetune:
         return cfg
     saved = read_index(folder)["config"]["training"]
-    gbs, micro = saved["global_batch_size"], t.micro_batch_size
+    gbs, micro = saved.get("global_batch_size"), t.micro_batch_size
+    if gbs is None:  # an index written without the resolved batch: nothing to keep
+        return cfg
     dp = cfg.data_parallel_size(world_size)
     if micro is None or gbs % (micro * dp):
-        raise ConfigError(f"{folder}: cannot keep the checkpoint's global batch {gbs} with micro batch {micro} x "
-                          f"data-parallel size {dp} (not a divisor); pass --micro-batch-size dividing {gbs // dp if gbs % dp == 0 else gbs} "
-                          f"or --global-batch-size to change the batch")
+        raise ConfigError(f"{folder}: cannot keep the checkpoint's global batch {gbs} on {world_size} process(es): "
+                          f"it is not a multiple of micro batch {micro} x data-parallel size {dp}; pass a "
+                          f"--micro-batch-size that makes it one, or --global-batch-size to change the batch")
     accum = gbs // (micro * dp)
     if accum != saved["gradient_accumulation_steps"]:
         log(f"resume: keeping the checkpoint's global batch {gbs}: gradient accumulation "
@@ -126,6 +128,8 @@ def run(argv: list[str] | None = None) -> dict:
                 try:
                     trainer.load(resume_from)
                 except ConfigError as err:  # a corrupted file etc.: the same line on every rank
+                    if created is not None:  # leave nothing behind (the folder holds only config.json)
+                        shutil.rmtree(created, ignore_errors=True)
                     fail(str(err), env.rank)
             trainer.train()
         finally:

@@ -63,6 +63,15 @@ def init_process_group(env: LaunchEnv, backend: str, timeout_minutes: float = 10
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one TCPStore (its agent's) for every restart of the job, and torch adds no
+        # per-attempt prefix: the groups of a restarted attempt would read the killed attempt's keys
+        # (peer addresses) and fail to connect or hang. One namespace per attempt.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                              is_master=False, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"megazero/attempt_{attempt}", store),
+                                rank=env.rank, world_size=env.world_size, timeout=timeout)
     else:
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
 

@@ -66,6 +66,10 @@ def build_data_iterator(dataset: Dataset | None, consumed_samples: int, micro_ba
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     sampler = DataParallelSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    # A generator of its own: creating a DataLoader iterator draws a base seed from the generator it is
+    # given, by default torch's global one, which is the ambient RNG stream hidden dropout draws from
+    # (megazero/random.py). A resumed run creates its iterator after restoring that stream, so the
+    # draw would shift every later dropout mask relative to the uninterrupted run.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
-                        persistent_workers=False)
+                        persistent_workers=False, generator=torch.Generator())
     return iter(loader)
