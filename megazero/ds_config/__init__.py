@@ -8,7 +8,7 @@ onto a RunConfig field, and merges with the command-line flags. docs/ds_config.m
   merge.py      flag/file/default precedence (`Merge`), disagreements as one-line errors;
   mapping.py    batch sizes, fp16/bf16, zero_optimization, monitors, communication -> RunConfig fields;
   optimizer.py  the optimizer and scheduler blocks -> OptimizerConfig.
-Cross-field checks (batch sizes vs world size, offload not built yet, ...) stay in
+Cross-field checks (batch sizes vs world size, offload stage and NVMe path, ...) stay in
 RunConfig.validate, which the caller runs once the world size is known.
 """
 
