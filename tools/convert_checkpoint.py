@@ -35,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 import megazero
-from megazero.checkpoint.api import (TOKENIZER_FILE, checkpoint_folder, layout_dict, locate_tokenizer,
-                                     model_state_dict, plan_layout, read_full_region, run_config_from_dict,
-                                     validate_layout, write_layout)
+from megazero.checkpoint.api import (TOKENIZER_FILE, checkpoint_folder, locate_tokenizer, model_state_dict,
+                                     run_config_from_dict)
 from megazero.checkpoint.format import INDEX, CheckpointReader
+from megazero.checkpoint.offline import layout_dict, plan_layout, read_full_region, validate_layout, write_layout
 from megazero.cli import OneLineParser, run_tool
 from megazero.config import ModelConfig, RunConfig
 from megazero.errors import ConfigError

@@ -1,3 +1,4 @@
 """Topology-independent checkpoints: format.py (files, index, atomic commit, reader), state.py (a
-Trainer <-> a checkpoint, any layout), api.py (`load_model`: a single-process model for tools)."""
+Trainer <-> a checkpoint, any layout), api.py (`load_model`: a single-process model; readers for
+tools), offline.py (write a checkpoint as a chosen layout would: resharding, Hugging Face import)."""
 from megazero.checkpoint.api import load_model  # noqa: E402,F401

@@ -1,7 +1,6 @@
 """Checkpoints outside a training run: `load_model` (a single-process model for tools, notebooks and
-evaluation), the readers the tools share (config, full tensors, tokenizer), and `plan_layout` /
-`write_layout`, which write a checkpoint exactly as a given (tp, pp, vp, dp, ZeRO) layout saves it
-(tools/convert_checkpoint.py: offline resharding and Hugging Face import). docs/checkpoint_tools.md.
+evaluation) and the readers the tools share (config, full tensors, tokenizer). Writing a checkpoint
+offline in a chosen layout is offline.py's. docs/checkpoint_tools.md.
 
 `load_model(path)` builds megazero's GPTModel at tp=1, pp=1 and fills every parameter from the
 checkpoint; the returned module maps token ids [batch, seq] to logits [batch, seq, vocab] over the
@@ -22,25 +21,19 @@ collective over the world: any subset of ranks may call load_model).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import megazero
-from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, CheckpointError, CheckpointReader, Piece,
-                                        commit, partial_dir, prepare_partial, rank_filename, resolve_checkpoint,
-                                        sha256_of, write_rank_file)
+from megazero.checkpoint.format import (CheckpointError, CheckpointReader, resolve_checkpoint)
 from megazero.config import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimizerConfig,
                              ParallelConfig, PrecisionConfig, RunConfig, TrainingConfig, ZeroConfig)
-from megazero.tensor_parallel.sharding import ShardSpec, get_shard_spec, set_shard_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -250,197 +243,3 @@ def locate_tokenizer(folder: Path, index: dict) -> tuple[Path | None, str]:
     return None, (f"the checkpoint was trained on the default corpus, whose tokenizer lives in the data cache "
                   f"and is not recorded in the checkpoint: {why} in {searched}; pass --tokenizer-model FILE (or "
                   f"set MEGAZERO_CACHE to the training run's cache)")
-
-
-# ----- writing a layout -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PlannedPiece:
-    """One piece a rank of the planned layout saves: parameter `name`'s region [start, stop) (its TP
-    slice) and flat range [lo, hi) of it (its ZeRO fragment); `shape` is the global logical shape."""
-    rank: int
-    name: str
-    shape: tuple[int, ...]
-    start: tuple[int, ...]
-    stop: tuple[int, ...]
-    lo: int
-    hi: int
-
-
-def validate_layout(cfg: RunConfig, dp: int) -> None:
-    """The layout checks a run of `cfg` on tp x pp x dp ranks would make (ConfigError, one line)."""
-    from megazero.errors import ConfigError
-    from megazero.topology import GridShape
-
-    p, m = cfg.parallel, cfg.model
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    for name, value in (("tp", tp), ("pp", pp), ("dp", dp), ("vp", cfg.virtual_pipeline_size())):
-        if value < 1:
-            raise ConfigError(f"--target-{name} must be >= 1, got {value}")
-    GridShape(tp * pp * dp, tp, pp)
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"hidden size {m.hidden_size} is not divisible by {m.num_attention_heads} heads")
-    if m.num_attention_heads % tp:
-        raise ConfigError(f"--target-tp {tp}: the model's {m.num_attention_heads} attention heads are not divisible "
-                          f"by {tp}; choose a tp that divides {m.num_attention_heads}")
-    if m.ffn_size % tp:
-        raise ConfigError(f"--target-tp {tp}: the model's ffn hidden size {m.ffn_size} is not divisible by {tp}")
-    if cfg.zero.stage not in (0, 1, 2, 3):
-        raise ConfigError(f"--target-zero-stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
-    cfg.layers_per_virtual_stage()  # layers divisible by pp x vp (or the first/last stage counts)
-
-
-def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
-    """Every piece a run of `cfg` on tp x pp x dp ranks saves (state.save_checkpoint's rules), in rank
-    order and, per rank, in its optimizer's fragment order: the same files, regions and flat ranges.
-
-    Each pipeline rank's chunks are built at tp=1 on the meta device (no memory), then every parameter
-    is swapped for a meta tensor of its target tp slice's shape, so the trainer's own ZeRO code
-    (engine.parameter_groups, layout.BufferLayout) lays the buckets out."""
-    from megazero.pipeline_parallel.partition import chunk_layer_ranges, virtual_stage
-    from megazero.topology import GridShape, coords_to_rank
-    from megazero.zero.engine import parameter_groups
-    from megazero.zero.layout import BufferLayout
-
-    p = cfg.parallel
-    tp, pp, vp, stage = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.virtual_pipeline_size(), \
-        cfg.zero.stage
-    grid = GridShape(tp * pp * dp, tp, pp)
-    counts, last = cfg.layers_per_virtual_stage(), pp * vp - 1
-    padded = cfg.model.padded_vocab_size(tp)
-    plan: dict[int, list[PlannedPiece]] = {}
-    with single_process_group() as group:
-        for pp_rank in range(pp):
-            # as training/model_builder.build_model_chunks: virtual stage 0 embeds, the last one has the
-            # (tied) output layer; with pp > 1 the word embedding gets a ZeRO bucket of its own
-            chunks = []
-            for c, layers in enumerate(chunk_layer_ranges(pp_rank, pp, counts)):
-                v = virtual_stage(pp_rank, c, pp)
-                chunks.append(build_gpt(cfg.model, group, layer_range=layers, pre_process=v == 0,
-                                        post_process=v == last, device="meta"))
-            slots = [(module, pname, get_shard_spec(param), f"{prefix}.{pname}" if prefix else pname)
-                     for chunk in chunks for prefix, module in chunk.named_modules()
-                     for pname, param in module.named_parameters(recurse=False)]
-            for tp_rank in range(tp):
-                names = {}
-                for module, pname, spec1, name in slots:
-                    shape = list(spec1.global_shape)
-                    if spec1.tp_dim is not None and spec1.logical_size is not None:
-                        shape[spec1.tp_dim] = padded  # the vocabulary padded for this tp
-                    spec = spec1 if spec1.tp_dim is None else dataclasses.replace(
-                        spec1, global_shape=tuple(shape), tp_rank=tp_rank, tp_size=tp)
-                    param = nn.Parameter(torch.empty(spec.local_shape, device="meta"))
-                    set_shard_spec(param, spec)
-                    setattr(module, pname, param)
-                    names[id(param)] = name
-                for chunk in chunks:
-                    if pp > 1 and hasattr(chunk, "word_embeddings"):
-                        chunk.word_embeddings.weight.own_bucket = True
-                layout = BufferLayout(parameter_groups(chunks, stage), dp,
-                                      None if stage == 3 else cfg.zero.reduce_bucket_size)
-                for dp_rank in range(dp):
-                    rank = coords_to_rank(pp_rank, dp_rank, tp_rank, grid)
-                    for f in layout.fragments_of_rank(dp_rank, whole=stage == 0):
-                        spec = get_shard_spec(f.param)
-                        if spec.tied_copy or (spec.tp_dim is None and tp_rank != 0) or (stage == 0 and dp_rank != 0):
-                            continue  # written by another rank (state.save_checkpoint's rule)
-                        start, stop = _region(spec)
-                        plan.setdefault(rank, []).append(PlannedPiece(rank, names[id(f.param)], _logical_shape(spec),
-                                                                      start, stop, f.param_lo, f.param_hi))
-    return [piece for rank in sorted(plan) for piece in plan[rank]]
-
-
-def _region(spec: ShardSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    from megazero.checkpoint.state import _region as region
-
-    return region(spec)
-
-
-def _logical_shape(spec: ShardSpec) -> tuple[int, ...]:
-    from megazero.checkpoint.state import _logical_shape as logical_shape
-
-    return tuple(logical_shape(spec))
-
-
-def layout_dict(cfg: RunConfig, dp: int) -> dict:
-    """The index's "layout" of a run of `cfg` on dp data-parallel ranks (state.layout_of's fields)."""
-    p, z = cfg.parallel, cfg.zero
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    return {"world": tp * pp * dp, "tp": tp, "pp": pp, "vp": cfg.virtual_pipeline_size(), "dp": dp,
-            "zero_stage": z.stage, "params_dtype": cfg.precision.params_dtype,
-            "offload_optimizer": z.offload_optimizer, "offload_param": z.offload_param}
-
-
-def read_full_region(full: torch.Tensor, start: tuple[int, ...], stop: tuple[int, ...]) -> torch.Tensor:
-    """Region [start, stop) of an in-memory global tensor; parts past its shape are zeros (as
-    CheckpointReader.read)."""
-    out = torch.zeros([b - a for a, b in zip(start, stop)], dtype=full.dtype)
-    hi = [min(b, s) for b, s in zip(stop, full.shape)]
-    if all(a < b for a, b in zip(start, hi)):
-        out[tuple(slice(0, b - a) for a, b in zip(start, hi))] = full[tuple(slice(a, b) for a, b in zip(start, hi))]
-    return out
-
-
-def write_layout(save: Path, index: dict, plan: list[PlannedPiece], tensors: dict[str, tuple[list[int], str]],
-                 read: Callable[[str, tuple, tuple], torch.Tensor],
-                 rng: dict[int, dict[str, torch.Tensor]] | None = None,
-                 extra_files: Iterable[Path] = (), bar=None) -> Path:
-    """Write a committed checkpoint `save`/iter_N (N = index["iteration"]) holding the planned pieces.
-
-    index: everything but "tensors" and "files" ("rng" too: the caller's entries for `rng`, whose keys
-    are ranks and values that rank's extra tensors, e.g. its RNG streams). tensors: "kind/name" ->
-    (logical shape, dtype name) of every tensor to write; every parameter of the plan must have its
-    `model/` entry and every entry a planned parameter. read(kind/name, start, stop): that region.
-    extra_files are copied into the folder (a tokenizer). bar: a progress bar (tqdm), advanced once
-    per planned piece. Atomic: written into iter_N.partial and
-    committed (format.commit); on any error the partial folder (and `save`, if this call created it)
-    is removed."""
-    planned = {p.name: p.shape for p in plan}
-    stored = {n.split("/", 1)[1]: (shape, n) for n, (shape, _) in tensors.items()}
-    missing = sorted(set(planned) - {n.split("/", 1)[1] for n in tensors if n.startswith("model/")})
-    extra = sorted(set(stored) - set(planned))
-    if missing or extra:
-        raise CheckpointError(f"the tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, (shape, full_name) in stored.items():
-        if tuple(shape) != tuple(planned[name]):
-            raise CheckpointError(f"{full_name}: shape {list(shape)}, the model has {list(planned[name])}")
-    iteration = index["iteration"]
-    created = not save.exists()
-    by_rank: dict[int, list[PlannedPiece]] = {}
-    for piece in plan:
-        by_rank.setdefault(piece.rank, []).append(piece)
-    ranks = sorted(set(by_rank) | set(rng or {}))
-    folder = prepare_partial(save, iteration)
-    try:
-        entries: dict[str, dict] = {}
-        files: dict[str, dict] = {}
-        for rank in ranks:
-            fname, out = rank_filename(rank), {}
-            for piece in by_rank.get(rank, []):
-                for kind in KINDS:
-                    full_name = f"{kind}/{piece.name}"
-                    if full_name not in tensors:
-                        continue
-                    key = f"{full_name}/{piece.lo}"
-                    out[key] = read(full_name, piece.start, piece.stop).reshape(-1)[piece.lo:piece.hi].clone()
-                    shape, dtype = tensors[full_name]
-                    entry = entries.setdefault(full_name, {"shape": list(shape), "dtype": dtype, "pieces": []})
-                    entry["pieces"].append(Piece(fname, key, piece.start, piece.stop, piece.lo, piece.hi).to_json())
-                if bar is not None:
-                    bar.update(1)
-            out.update((rng or {}).get(rank, {}))
-            if out:
-                meta = write_rank_file(folder, rank, out)
-                files[meta["name"]] = {"sha256": meta["sha256"], "bytes": meta["bytes"]}
-        for path in extra_files:  # checksummed like the tensor files (a save records its tokenizer copy so)
-            copied = folder / Path(path).name
-            shutil.copyfile(path, copied)
-            files[copied.name] = {"sha256": sha256_of(copied), "bytes": copied.stat().st_size}
-        full_index = {**copy.deepcopy(index), "format": FORMAT_NAME, "version": FORMAT_VERSION,
-                      "tensors": entries, "files": files}
-        full_index.setdefault("rng", {})
-        return commit(save, iteration, full_index, keep_last=None)
-    except BaseException:
-        shutil.rmtree(partial_dir(save, iteration), ignore_errors=True)
-        if created:
-            shutil.rmtree(save, ignore_errors=True)
-        raise
