@@ -1,5 +1,5 @@
 """--finetune, --no-load-optim, --no-load-rng (Megatron's meanings), in one single-process launch:
-what each restores and what it leaves fresh."""
+what each restores and what it leaves fresh; and --exit-duration-in-mins."""
 
 from pathlib import Path
 
@@ -68,3 +68,22 @@ def test_load_options(tiny_dataset, tmp_path):
     assert no_optim["next_loss"] == plain["next_loss"]
     assert no_rng["next_loss"] != plain["next_loss"]  # other dropout masks
     assert fine["next_loss"] != plain["next_loss"]  # finetune restarts the data at sample 0
+
+
+def _exit_duration(rank, world_size, prefix, tokenizer_model, root: Path):
+    data = ResolvedData(prefix=prefix, tokenizer_model=tokenizer_model, vocab_size=512, description="tiny")
+    cfg = _config(prefix, tokenizer_model, LAYOUT, 50, root, save=str(root / "ckpt"), exit_duration_in_mins=1e-4)
+    trainer = _trainer(rank, world_size, cfg, LAYOUT, data)
+    history = trainer.train()
+    trainer.close()
+    return len(history)
+
+
+def test_exit_duration_saves_and_stops_at_the_next_step(tiny_dataset, tmp_path):
+    """--exit-duration-in-mins 1e-4 (6 ms) has passed after the first step: save it, stop there."""
+    from megazero.checkpoint.format import read_index, resolve_checkpoint
+
+    prefix, model = tiny_dataset
+    assert run_distributed(_exit_duration, 1, prefix, model, tmp_path)[0] == 1  # of 50 iterations
+    folder = resolve_checkpoint(tmp_path / "ckpt")
+    assert folder.name == "iter_0000001" and read_index(folder)["state"]["iteration"] == 1
