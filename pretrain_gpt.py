@@ -117,20 +117,23 @@ def run(argv: list[str] | None = None) -> dict:
         if run_dir is not None:
             (run_dir / "config.json").write_text(cfg.to_json() + "\n")
             print(f"run directory: {run_dir.resolve()}", flush=True)
-        try:
-            trainer = Trainer(cfg, topo, data, device, run_dir, log, datasets=datasets)
-        except ConfigError as err:  # found after start (e.g. no room for NVMe offload files): same on every rank
-            if created is not None:  # leave nothing behind: the folder holds only config.json so far
+        def abort(err: ConfigError) -> None:
+            """Bad input found after start (no room for NVMe offload files, a corrupted checkpoint):
+            the same line on every rank; leave nothing behind (the run folder holds only config.json)."""
+            if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             fail(str(err), env.rank)
+
+        try:
+            trainer = Trainer(cfg, topo, data, device, run_dir, log, datasets=datasets)
+        except ConfigError as err:
+            abort(err)
         try:
             if resume_from is not None:
                 try:
                     trainer.load(resume_from)
-                except ConfigError as err:  # a corrupted file etc.: the same line on every rank
-                    if created is not None:  # leave nothing behind (the folder holds only config.json)
-                        shutil.rmtree(created, ignore_errors=True)
-                    fail(str(err), env.rank)
+                except ConfigError as err:
+                    abort(err)
             trainer.train()
         finally:
             trainer.close()

@@ -94,6 +94,7 @@ setup(
         "einops>=0.7",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "safetensors>=0.4",  # checkpoint files (megazero/checkpoint/format.py)
         # torch.utils.cpp_extension.load needs ninja for the first-use JIT build of the kernels.
         "ninja>=1.11",
     ],

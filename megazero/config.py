@@ -427,7 +427,7 @@ class RunConfig:
                         f"tools/preprocess_data.py --output-prefix (without .bin/.idx)"
                     )
             if d.tokenizer_model is None:
-                raise ConfigError(f"--data-path needs --tokenizer-model (the tokenizer the data was made with)")
+                raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
         if d.tokenizer_model is not None and not Path(d.tokenizer_model).is_file():
             raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: file not found")
         if d.tokenizer_model is not None and d.data_path is None:

@@ -81,7 +81,7 @@ def verify(folder: Path, index: dict, show_progress: bool = True) -> None:
     covered. Raises CheckpointError naming the first problem (and how many more there are)."""
     from safetensors import safe_open
 
-    from megazero.checkpoint.format import sha256_of
+    from megazero.checkpoint.format import check_file
 
     problems: list[str] = []
     total = sum(meta["bytes"] for meta in index["files"].values())
@@ -90,15 +90,13 @@ def verify(folder: Path, index: dict, show_progress: bool = True) -> None:
               disable=not show_progress) as bar:
         for name, meta in sorted(index["files"].items()):
             path = folder / name
-            if not path.is_file():
-                problems.append(f"{path}: missing checkpoint file")
-            elif path.stat().st_size != meta["bytes"]:
-                problems.append(f"{path}: truncated or resized ({path.stat().st_size} bytes, index says "
-                                f"{meta['bytes']})")
-            elif sha256_of(path) != meta["sha256"]:
-                problems.append(f"{path}: checksum mismatch (sha256 differs from {folder / INDEX}): the file is "
-                                f"corrupted")
-            elif name.endswith(".safetensors"):  # (the tokenizer copy is checked by its sha256 alone)
+            try:
+                check_file(folder, name, meta)
+            except CheckpointError as err:
+                problems.append(str(err))
+                bar.update(meta["bytes"])
+                continue
+            if name.endswith(".safetensors"):  # (the tokenizer copy is checked by its sha256 alone)
                 try:
                     with safe_open(str(path), framework="pt") as f:
                         headers[name] = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}

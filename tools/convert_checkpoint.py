@@ -37,8 +37,9 @@ from tqdm import tqdm
 import megazero
 from megazero.checkpoint.api import (TOKENIZER_FILE, checkpoint_folder, locate_tokenizer, model_state_dict,
                                      run_config_from_dict)
-from megazero.checkpoint.format import INDEX, CheckpointReader
-from megazero.checkpoint.offline import layout_dict, plan_layout, read_full_region, validate_layout, write_layout
+from megazero.checkpoint.format import INDEX, CheckpointReader, rank_filename
+from megazero.checkpoint.offline import plan_layout, read_full_region, validate_layout, write_layout
+from megazero.checkpoint.state import layout_dict
 from megazero.cli import OneLineParser, run_tool
 from megazero.config import ModelConfig, RunConfig
 from megazero.errors import ConfigError
@@ -170,7 +171,7 @@ def reshard(args: argparse.Namespace) -> None:
             rank = coords_to_rank(pp_rank, 0, tp_rank, grid)  # dp rank 0 saves the streams
             names = [*entry["streams"], "ambient"]
             rng[rank] = {f"{entry['prefix']}/{s}": reader.get(entry["file"], f"{entry['prefix']}/{s}") for s in names}
-            rng_index[coords] = {**entry, "file": f"rank{rank:05d}.safetensors"}
+            rng_index[coords] = {**entry, "file": rank_filename(rank)}
         rng_note = "RNG streams copied (tp, pp and vp unchanged)"
     else:
         rng_note = ("RNG streams not copied: tp/pp/vp changed, so a run loading this checkpoint keeps its own seeds "
@@ -392,7 +393,7 @@ def from_hf(args: argparse.Namespace) -> None:
                 rank, prefix = coords_to_rank(pp_rank, 0, tp_rank, grid), f"rng/pp{pp_rank}.tp{tp_rank}"
                 rng[rank] = {f"{prefix}/{s}": t for s, t in streams["streams"].items()}
                 rng[rank][f"{prefix}/ambient"] = streams["ambient"]
-                rng_index[f"pp{pp_rank}.tp{tp_rank}"] = {"file": f"rank{rank:05d}.safetensors", "prefix": prefix,
+                rng_index[f"pp{pp_rank}.tp{tp_rank}"] = {"file": rank_filename(rank), "prefix": prefix,
                                                          "streams": sorted(streams["streams"])}
     index = {"megazero_version": megazero.__version__, "iteration": 0, "layout": layout, "config": cfg.to_dict(),
              "state": {"iteration": 0, "consumed_samples": 0, "optimizer_steps": 0, "consecutive_skips": 0,

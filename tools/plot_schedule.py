@@ -28,7 +28,7 @@ try:
 except ImportError:  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megazero.cli import OneLineParser
+from megazero.cli import OneLineParser, run_tool
 from megazero.errors import ConfigError
 from megazero.pipeline_parallel.schedules import build_all_plans, validate_schedule
 from megazero.pipeline_parallel.simulate import simulate
@@ -76,43 +76,38 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.timeline is not None:
-            given = [f"--{k.replace('_', '-')}" for k in ("pp", "vp", "microbatches", "forward_cost", "backward_cost")
-                     if getattr(args, k) is not None]
-            if given:
-                raise ConfigError(f"--timeline draws a recorded run; drop {' '.join(given)} "
-                                  f"(pp/vp/m come from the file)")
-            timeline = load_timeline(args.timeline)
-            pp, vp, m = timeline["pp"], timeline["vp"], timeline["num_microbatches"]
-            out = Path(args.out or f"{Path(args.timeline).stem}.png")
-            _check_out(out)
-            what = f"recorded timeline {args.timeline}"
-            xlabel = "time from the first recorded event (s)"
-        else:
-            if args.pp is None or args.microbatches is None:
-                raise ConfigError("give --pp and --microbatches (and optionally --vp), or --timeline FILE")
-            pp, vp, m = args.pp, 1 if args.vp is None else args.vp, args.microbatches
-            fwd = 1.0 if args.forward_cost is None else args.forward_cost
-            bwd = 2.0 if args.backward_cost is None else args.backward_cost
-            if pp < 1:
-                raise ConfigError(f"--pp must be >= 1, got {pp}")
-            if vp < 1:
-                raise ConfigError(f"--vp must be >= 1, got {vp}")
-            if not (fwd > 0 and bwd > 0) or fwd == float("inf") or bwd == float("inf"):
-                raise ConfigError(f"--forward-cost and --backward-cost must be positive, got {fwd:g} and {bwd:g}")
-            out = Path(args.out or f"schedule_pp{pp}_vp{vp}_m{m}.png")
-            _check_out(out)
-            plans = build_all_plans(pp, vp, m)  # ConfigError on invalid combinations
-            result = simulate(plans, vp, m, forward_cost=fwd, backward_cost=bwd)
-            timeline = simulated_timeline(result, pp, vp, m)
-            what = f"plan simulated with forward cost {fwd:g}, backward cost {bwd:g}, free communication"
-            xlabel = f"time (forward = {fwd:g}, backward = {bwd:g})"
-    except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+def run(args) -> None:
+    if args.timeline is not None:
+        given = [f"--{k.replace('_', '-')}" for k in ("pp", "vp", "microbatches", "forward_cost", "backward_cost")
+                 if getattr(args, k) is not None]
+        if given:
+            raise ConfigError(f"--timeline draws a recorded run; drop {' '.join(given)} "
+                              f"(pp/vp/m come from the file)")
+        timeline = load_timeline(args.timeline)
+        pp, vp, m = timeline["pp"], timeline["vp"], timeline["num_microbatches"]
+        out = Path(args.out or f"{Path(args.timeline).stem}.png")
+        _check_out(out)
+        what = f"recorded timeline {args.timeline}"
+        xlabel = "time from the first recorded event (s)"
+    else:
+        if args.pp is None or args.microbatches is None:
+            raise ConfigError("give --pp and --microbatches (and optionally --vp), or --timeline FILE")
+        pp, vp, m = args.pp, 1 if args.vp is None else args.vp, args.microbatches
+        fwd = 1.0 if args.forward_cost is None else args.forward_cost
+        bwd = 2.0 if args.backward_cost is None else args.backward_cost
+        if pp < 1:
+            raise ConfigError(f"--pp must be >= 1, got {pp}")
+        if vp < 1:
+            raise ConfigError(f"--vp must be >= 1, got {vp}")
+        if not (fwd > 0 and bwd > 0) or fwd == float("inf") or bwd == float("inf"):
+            raise ConfigError(f"--forward-cost and --backward-cost must be positive, got {fwd:g} and {bwd:g}")
+        out = Path(args.out or f"schedule_pp{pp}_vp{vp}_m{m}.png")
+        _check_out(out)
+        plans = build_all_plans(pp, vp, m)  # ConfigError on invalid combinations
+        result = simulate(plans, vp, m, forward_cost=fwd, backward_cost=bwd)
+        timeline = simulated_timeline(result, pp, vp, m)
+        what = f"plan simulated with forward cost {fwd:g}, backward cost {bwd:g}, free communication"
+        xlabel = f"time (forward = {fwd:g}, backward = {bwd:g})"
 
     name = "1F1B" if vp == 1 else "interleaved 1F1B"
     ratios = measured_bubble(timeline)
@@ -124,8 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # drawn before printing, so a closed stdout (| head) cannot cost the picture
         draw_timeline(timeline, out, title, xlabel=xlabel)
     except OSError as e:
-        sys.stderr.write(f"error: cannot write {out}: {' '.join(str(e).split())}\n")
-        return 2
+        raise ConfigError(f"cannot write {out}: {e}") from None
 
     print(f"{name} schedule, pp={pp} vp={vp} microbatches={m}: {what}")
     if expected:
@@ -134,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in bubble_table(ratios, expected):
         print(line)
     print(f"wrote {out}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_tool(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

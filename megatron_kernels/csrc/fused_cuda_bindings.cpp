@@ -6,6 +6,8 @@
 
 #include <torch/extension.h>
 
+#include <utility>
+
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -35,26 +37,29 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 // [b, heads, sq, sk] softmax with an optional bool mask [b, 1 or heads, sq, sk] (true = masked).
+// The padding mask of the masked softmax, checked once for forward and backward alike: bool/uint8,
+// [b, 1 or heads, sq, sk], contiguous, on x's device. Returns (pointer or nullptr, mask heads).
+static std::pair<const uint8_t*, int64_t> mask_arg(const c10::optional<at::Tensor>& mask, int64_t b, int64_t heads,
+                                                   int64_t sq, int64_t sk, const at::Tensor& x) {
+  if (!mask.has_value()) return {nullptr, 1};
+  const at::Tensor& m = *mask;
+  check_cuda_contig(m, "mask");
+  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, "fused_cuda: mask must be bool");
+  TORCH_CHECK(m.dim() == 4 && m.size(0) == b && (m.size(1) == 1 || m.size(1) == heads) && m.size(2) == sq &&
+                  m.size(3) == sk,
+              "fused_cuda: mask must be [b, 1 or heads, sq, sk] = [", b, ", 1|", heads, ", ", sq, ", ", sk,
+              "], got ", m.sizes());
+  TORCH_CHECK(m.device() == x.device(), "fused_cuda: mask and x on different devices");
+  return {reinterpret_cast<const uint8_t*>(m.data_ptr()), m.size(1)};
+}
+
 at::Tensor scaled_masked_softmax_forward(const at::Tensor& x, const c10::optional<at::Tensor>& mask, double scale) {
   check_cuda_contig(x, "x");
   TORCH_CHECK(x.dim() == 4, "fused_cuda: scaled_masked_softmax expects x [b, heads, sq, sk], got ", x.sizes());
   const int64_t b = x.size(0), heads = x.size(1), sq = x.size(2), sk = x.size(3);
   TORCH_CHECK(sk >= 1 && sk <= mk::kSoftmaxMaxKeyLength, "fused_cuda: key length ", sk, " outside [1, ",
               mk::kSoftmaxMaxKeyLength, "]");
-  const uint8_t* mptr = nullptr;
-  int64_t mask_heads = 1;
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    check_cuda_contig(m, "mask");
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, "fused_cuda: mask must be bool");
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == b && (m.size(1) == 1 || m.size(1) == heads) && m.size(2) == sq &&
-                    m.size(3) == sk,
-                "fused_cuda: mask must be [b, 1 or heads, sq, sk] = [", b, ", 1|", heads, ", ", sq, ", ", sk,
-                "], got ", m.sizes());
-    TORCH_CHECK(m.device() == x.device(), "fused_cuda: mask and x on different devices");
-    mask_heads = m.size(1);
-    mptr = reinterpret_cast<const uint8_t*>(m.data_ptr());
-  }
+  const auto [mptr, mask_heads] = mask_arg(mask, b, heads, sq, sk, x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
@@ -74,17 +79,7 @@ at::Tensor scaled_masked_softmax_backward(const at::Tensor& dy, const at::Tensor
   TORCH_CHECK(dy.scalar_type() == y.scalar_type(), "fused_cuda: grad/output dtype mismatch");
   const int64_t b = y.size(0), heads = y.size(1), sq = y.size(2), sk = y.size(3);
   TORCH_CHECK(sk >= 1 && sk <= mk::kSoftmaxMaxKeyLength, "fused_cuda: key length ", sk, " out of range");
-  const uint8_t* mptr = nullptr;
-  int64_t mask_heads = 1;
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    check_cuda_contig(m, "mask");
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == b && (m.size(1) == 1 || m.size(1) == heads) && m.size(2) == sq &&
-                    m.size(3) == sk,
-                "fused_cuda: mask shape mismatch");
-    mask_heads = m.size(1);
-    mptr = reinterpret_cast<const uint8_t*>(m.data_ptr());
-  }
+  const auto [mptr, mask_heads] = mask_arg(mask, b, heads, sq, sk, y);
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor dx = at::empty_like(y);
   if (y.numel() == 0) return dx;

@@ -184,6 +184,19 @@ def read_index(folder: Path) -> dict:
     return index
 
 
+def check_file(folder: Path, name: str, meta: dict | None, verify: bool = True) -> None:
+    """A checkpoint file is present with the size (and, if verify, the sha256) its index records."""
+    path = folder / name
+    if meta is None or not path.is_file():
+        raise CheckpointError(f"{path}: missing checkpoint file")
+    if path.stat().st_size != meta["bytes"]:
+        raise CheckpointError(f"{path}: truncated or resized ({path.stat().st_size} bytes, index says "
+                              f"{meta['bytes']})")
+    if verify and sha256_of(path) != meta["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch (sha256 differs from {folder / INDEX}): the file is "
+                              f"corrupted")
+
+
 class CheckpointReader:
     """Reads regions of global tensors from a committed checkpoint, verifying each file's sha256
     the first time it is opened."""
@@ -200,15 +213,7 @@ class CheckpointReader:
     def _file(self, name: str):
         if name not in self._handles:
             path = self.folder / name
-            meta = self.index["files"].get(name)
-            if meta is None or not path.is_file():
-                raise CheckpointError(f"{path}: missing checkpoint file")
-            if path.stat().st_size != meta["bytes"]:
-                raise CheckpointError(f"{path}: truncated or resized ({path.stat().st_size} bytes, index says "
-                                      f"{meta['bytes']})")
-            if self.verify and sha256_of(path) != meta["sha256"]:
-                raise CheckpointError(f"{path}: checksum mismatch (sha256 differs from {self.folder / INDEX}): the "
-                                      f"file is corrupted")
+            check_file(self.folder, name, self.index["files"].get(name), self.verify)
             try:
                 self._handles[name] = safe_open(str(path), framework="pt")
             except Exception as err:  # safetensors raises its own error types for a bad header

@@ -19,7 +19,7 @@ from torch import nn
 from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, CheckpointError, Piece, commit,
                                         partial_dir, prepare_partial, rank_filename, sha256_of, write_rank_file)
 from megazero.checkpoint.api import build_gpt, single_process_group
-from megazero.checkpoint.state import _logical_shape, _region
+from megazero.checkpoint.state import _logical_shape, _region, writes_fragment
 from megazero.config import RunConfig
 from megazero.tensor_parallel.sharding import get_shard_spec, set_shard_spec
 
@@ -65,11 +65,11 @@ def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
 
     Each pipeline rank's chunks are built at tp=1 on the meta device (no memory), then every parameter
     is swapped for a meta tensor of its target tp slice's shape, so the trainer's own ZeRO code
-    (engine.parameter_groups, layout.BufferLayout) lays the buckets out."""
+    (engine.build_layout) lays the buckets out."""
     from megazero.pipeline_parallel.partition import chunk_layer_ranges, virtual_stage
     from megazero.topology import GridShape, coords_to_rank
-    from megazero.zero.engine import parameter_groups
-    from megazero.zero.layout import BufferLayout
+    from megazero.training.model_builder import mark_tied_embedding
+    from megazero.zero.engine import build_layout
 
     p = cfg.parallel
     tp, pp, vp, stage = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.virtual_pipeline_size(), \
@@ -102,30 +102,18 @@ def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
                     set_shard_spec(param, spec)
                     setattr(module, pname, param)
                     names[id(param)] = name
-                for chunk in chunks:
-                    if pp > 1 and hasattr(chunk, "word_embeddings"):
-                        chunk.word_embeddings.weight.own_bucket = True
-                layout = BufferLayout(parameter_groups(chunks, stage), dp,
-                                      None if stage == 3 else cfg.zero.reduce_bucket_size)
+                mark_tied_embedding(chunks, pp)
+                layout = build_layout(chunks, cfg.zero, dp)
                 for dp_rank in range(dp):
                     rank = coords_to_rank(pp_rank, dp_rank, tp_rank, grid)
                     for f in layout.fragments_of_rank(dp_rank, whole=stage == 0):
+                        if not writes_fragment(f.param, tp_rank, dp_rank, stage):
+                            continue  # written by another rank
                         spec = get_shard_spec(f.param)
-                        if spec.tied_copy or (spec.tp_dim is None and tp_rank != 0) or (stage == 0 and dp_rank != 0):
-                            continue  # written by another rank (state.save_checkpoint's rule)
                         start, stop = _region(spec)
                         plan.setdefault(rank, []).append(PlannedPiece(rank, names[id(f.param)], _logical_shape(spec),
                                                                       start, stop, f.param_lo, f.param_hi))
     return [piece for rank in sorted(plan) for piece in plan[rank]]
-
-
-def layout_dict(cfg: RunConfig, dp: int) -> dict:
-    """The index's "layout" of a run of `cfg` on dp data-parallel ranks (state.layout_of's fields)."""
-    p, z = cfg.parallel, cfg.zero
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    return {"world": tp * pp * dp, "tp": tp, "pp": pp, "vp": cfg.virtual_pipeline_size(), "dp": dp,
-            "zero_stage": z.stage, "params_dtype": cfg.precision.params_dtype,
-            "offload_optimizer": z.offload_optimizer, "offload_param": z.offload_param}
 
 
 def read_full_region(full: torch.Tensor, start: tuple[int, ...], stop: tuple[int, ...]) -> torch.Tensor:

@@ -24,11 +24,13 @@ from megazero import comm
 from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, CheckpointError, CheckpointReader, Piece,
                                         commit, iteration_dirname, partial_dir, prepare_partial, rank_filename,
                                         sha256_of, write_rank_file)
+from megazero.optim.grad_norm import counts_toward_norm
 from megazero.tensor_parallel.sharding import ShardSpec, get_shard_spec
 
 # model fields that must agree between a checkpoint and the run loading it
+# (the sequence length may change between runs, up to max positions)
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-                "max_position_embeddings", "seq_length")
+                "max_position_embeddings")
 
 
 def _region(spec: ShardSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -48,6 +50,13 @@ def _logical_shape(spec: ShardSpec) -> list[int]:
     return shape
 
 
+def writes_fragment(param, tp_rank: int, dp_rank: int, stage: int) -> bool:
+    """Whether the rank at (tp_rank, dp_rank) saves its fragment of `param`: each element once. Copies
+    are skipped like in the grad norm (TP-replicated: tp rank 0; the tied embedding's copy: its owner),
+    and at stage 0, where every dp rank holds everything, dp rank 0 writes."""
+    return counts_toward_norm(param, tp_rank) and (stage > 0 or dp_rank == 0)
+
+
 def _param_names(trainer) -> dict[int, str]:
     return {id(p): name for chunk in trainer.chunks for name, p in chunk.named_parameters()}
 
@@ -57,11 +66,13 @@ def _barrier(trainer) -> None:
     comm.all_reduce_(flag, trainer.topo.world_group)
 
 
-def layout_of(trainer) -> dict:
-    cfg, topo = trainer.cfg, trainer.topo
-    return {"world": topo.world_size, "tp": topo.tp, "pp": topo.pp, "vp": trainer.vp, "dp": topo.dp,
-            "zero_stage": cfg.zero.stage, "params_dtype": cfg.precision.params_dtype,
-            "offload_optimizer": cfg.zero.offload_optimizer, "offload_param": cfg.zero.offload_param}
+def layout_dict(cfg, dp: int) -> dict:
+    """The index's "layout": what a run of `cfg` on dp data-parallel ranks saves from (offline writers too)."""
+    p, z = cfg.parallel, cfg.zero
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    return {"world": tp * pp * dp, "tp": tp, "pp": pp, "vp": cfg.virtual_pipeline_size(), "dp": dp,
+            "zero_stage": z.stage, "params_dtype": cfg.precision.params_dtype,
+            "offload_optimizer": z.offload_optimizer, "offload_param": z.offload_param}
 
 
 # ----- save ----------------------------------------------------------------------------------------------
@@ -86,7 +97,7 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
     fname = rank_filename(topo.rank)
     for (master, exp_avg, exp_avg_sq), f, value in zip(opt.export_state(), opt.fragments, opt.values):
         spec = get_shard_spec(f.param)
-        if spec.tied_copy or (spec.tp_dim is None and topo.tp_rank != 0) or (zero.stage == 0 and topo.dp_rank != 0):
+        if not writes_fragment(f.param, topo.tp_rank, topo.dp_rank, zero.stage):
             continue
         name = names[id(f.param)]
         start, stop = _region(spec)
@@ -112,7 +123,8 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
     path = save / iteration_dirname(trainer.iteration)
     if topo.rank == 0:
         index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "megazero_version": megazero.__version__,
-                 "iteration": trainer.iteration, "layout": layout_of(trainer), "config": trainer.cfg.to_dict(),
+                 "iteration": trainer.iteration, "layout": layout_dict(trainer.cfg, trainer.topo.dp),
+                 "config": trainer.cfg.to_dict(),
                  "state": trainer_state(trainer), "tensors": {}, "files": {}, "rng": {}}
         tokenizer_copy = partial_dir(save, trainer.iteration) / "tokenizer.model"
         if tokenizer_copy.is_file():
@@ -146,8 +158,6 @@ def check_model_shape(index: dict, cfg, where: Path) -> None:
             mine, theirs = cfg.model.ffn_size, theirs or 4 * saved["hidden_size"]
         if field == "max_position_embeddings":
             mine, theirs = cfg.model.max_positions, theirs or saved["seq_length"]
-        if field == "seq_length":
-            continue  # the sequence length may change (up to max positions)
         if mine != theirs:
             raise CheckpointError(f"{where}: checkpoint has {field.replace('_', '-')} {theirs}, this run has {mine}; "
                                   f"pass --{field.replace('_', '-')} {theirs} (the model shape must match)")
@@ -160,16 +170,17 @@ def load_checkpoint(trainer, folder: Path, *, load_optim: bool = True, load_rng:
     rank first reads what it needs; a bad file on any rank is the same CheckpointError on all ranks,
     before anything is changed."""
     t0 = time.perf_counter()
+    with_optim, with_rng = load_optim and not finetune, load_rng and not finetune
     error, plan = None, None
     try:
-        plan = _read_for_this_rank(trainer, Path(folder), load_optim and not finetune, load_rng and not finetune)
+        plan = _read_for_this_rank(trainer, Path(folder), with_optim, with_rng)
     except CheckpointError as err:
         error = str(err)
     errors = [e for e in comm.all_gather_object(error, trainer.topo.world_group) if e]
     if errors:
         raise CheckpointError(errors[0])
     index, values, masters, exp_avgs, exp_avg_sqs, rng = plan
-    zero, state, with_optim = trainer.zero, index["state"], load_optim and not finetune
+    zero, state = trainer.zero, index["state"]
     opt = zero.optimizer
     zero.wait()
     for value, v in zip(opt.values, values):
@@ -187,7 +198,7 @@ def load_checkpoint(trainer, folder: Path, *, load_optim: bool = True, load_rng:
     if rng is not None:
         trainer.rng.load_state_dict(rng)
     saved = index["layout"]
-    rng_note = ("restored" if rng is not None else "not restored (--no-load-rng / --finetune)" if not load_rng or finetune
+    rng_note = ("restored" if rng is not None else "not restored (--no-load-rng / --finetune)" if not with_rng
                 else "not restored: tp/pp/vp changed (or the checkpoint was resharded offline), streams keep this "
                      "run's seeds")
     seconds = time.perf_counter() - t0

@@ -39,6 +39,7 @@ from megazero.data.indexed_dataset import IndexedDataset, dataset_exists
 from megazero.data.preprocess import write_dataset
 from megazero.data.tokenizer import Tokenizer, train_tokenizer
 from megazero.errors import DataError
+from megazero.fileio import atomic_write_bytes
 
 DEFAULT_MAX_BYTES = 12_000_000
 _MAX_FILE_BYTES = 200_000
@@ -124,9 +125,8 @@ def prepare_default_data(cache_dir: Path | str | None = None, vocab_size: int = 
             meta = {"recipe": _RECIPE_VERSION, "python": sys.version, "stdlib": str(root),
                     "num_files": len(files), "num_documents": stats[0], "num_tokens": stats[1],
                     "vocab_size": vocab_size, "bytes": nbytes}
-            tmp = meta_path.with_name(f".meta.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(meta, indent=1) + "\n")
-            os.replace(tmp, meta_path)  # written last: its presence marks a complete build
+            # written last, atomically: its presence marks a complete build
+            atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
             log(f"default data: {what}, {stats[1]:,} tokens, built in {time.time() - start:.1f} s, "
                 f"cached in {folder}")
             return prefix, model

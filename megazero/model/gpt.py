@@ -18,6 +18,7 @@ layers 4-7 has the same parameter names, initial values and checkpoint keys as a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -61,8 +62,9 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.view(b, s, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # 3 x [b, nh, s, hd]
         dropout_p = self.dropout_p if self.training else 0.0
         # Attention probabilities are sharded by head across TP ranks: draw their dropout from the
-        # per-TP-rank stream so ranks do not drop the same positions of different heads.
-        with self.rng.fork("tensor-parallel"):
+        # per-TP-rank stream so ranks do not drop the same positions of different heads. Without dropout
+        # nothing is drawn, so the stream swap (3 RNG-state copies per layer) is skipped.
+        with self.rng.fork("tensor-parallel") if dropout_p > 0 else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         context = context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)  # [b, s, h/tp]
         return self.dense(context)
@@ -140,8 +142,7 @@ class GPTModel(nn.Module):
             self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device, cfg.fused_kernels)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.word_embeddings(tokens) + self.position_embeddings[positions]  # [b, s, h]
+        x = self.word_embeddings(tokens) + self.position_embeddings[:tokens.shape[1]]  # [b, s, h]
         return self.embedding_dropout(x)
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,11 +23,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group, vocab_start, logical_vocab_size):
         # logits: [..., V_local] (any float dtype; math in fp32), target: [...] int64 global ids.
-        logits = logits.float()
         v_local = logits.shape[-1]
         n_valid = logical_vocab_size - vocab_start  # columns of this shard that are real vocabulary
+        # one fp32 copy at most: a fresh one where padding columns are masked (never the caller's tensor)
+        logits = logits.to(torch.float32, copy=n_valid < v_local)
         if n_valid < v_local:
-            logits = logits.clone()
             logits[..., max(n_valid, 0):] = float("-inf")
 
         logits_max = logits.max(dim=-1).values

@@ -25,8 +25,14 @@ def build_model_chunks(cfg: RunConfig, topo: Topology, rng: RNGStreams, device: 
         chunk = GPTModel(cfg.model, tp_group=topo.tp_group, rng=rng, layer_range=layers, pre_process=v == 0,
                          post_process=v == last_virtual, dtype=dtype, device=device)
         initialize_parameters(chunk, cfg.training.seed)
-        if topo.pp > 1 and hasattr(chunk, "word_embeddings"):
-            # Summed across the first and last stage: identical ZeRO shard boundaries on both (layout.py).
-            chunk.word_embeddings.weight.own_bucket = True
         chunks.append(chunk)
+    mark_tied_embedding(chunks, topo.pp)
     return chunks
+
+
+def mark_tied_embedding(chunks, pp: int) -> None:
+    """With pipelining the word embedding is summed across the first and last stage: it gets a ZeRO
+    bucket of its own so its shard boundaries are identical on both (zero/layout.py)."""
+    for chunk in chunks:
+        if pp > 1 and hasattr(chunk, "word_embeddings"):
+            chunk.word_embeddings.weight.own_bucket = True

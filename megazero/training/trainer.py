@@ -265,18 +265,20 @@ class Trainer:
                         + (f", {done['bytes'] / 2**20:.1f} MiB" if done["bytes"] else ""))
 
     def _should_exit(self, started: float) -> str | None:
-        """Why to stop now (agreed by every rank: a SIGTERM may reach only some), or None."""
+        """Why to stop now, or None. --exit-interval is the same on every rank; SIGTERM (which may reach
+        only some ranks) and the wall clock are agreed over the world group, once per step."""
         c = self.cfg.checkpoint
-        reasons = [self._sigterm.is_set() if self._sigterm is not None else False,
-                   bool(c.exit_interval and self.iteration % c.exit_interval == 0),
-                   bool(c.exit_duration_in_mins and time.perf_counter() - started >= 60 * c.exit_duration_in_mins)]
-        if not any((c.exit_interval, c.exit_duration_in_mins, self._sigterm is not None)):
+        if c.exit_interval and self.iteration % c.exit_interval == 0:
+            return f"--exit-interval {c.exit_interval}"
+        if self._sigterm is None and not c.exit_duration_in_mins:
             return None
-        flags = torch.tensor([float(r) for r in reasons], device=self.device)
+        flags = torch.tensor([float(self._sigterm is not None and self._sigterm.is_set()),
+                              float(bool(c.exit_duration_in_mins)
+                                    and time.perf_counter() - started >= 60 * c.exit_duration_in_mins)],
+                             device=self.device)
         comm.all_reduce_(flags, self.topo.world_group, op="max")
-        names = ["SIGTERM", f"--exit-interval {c.exit_interval}", f"--exit-duration-in-mins {c.exit_duration_in_mins}"]
-        hit = [n for n, f in zip(names, flags.tolist()) if f > 0]
-        return hit[0] if hit else None
+        sigterm, timeout = flags.tolist()
+        return "SIGTERM" if sigterm else f"--exit-duration-in-mins {c.exit_duration_in_mins}" if timeout else None
 
     # ----- the loop --------------------------------------------------------------------------------
     def train(self) -> list[StepRecord]:

@@ -30,19 +30,23 @@ def parameter_groups(chunks: list[nn.Module], stage: int) -> list[list[nn.Parame
     stages 0-2; at stage 3 one per unit (block / tied embedding / the rest of a chunk)."""
     groups: list[list[nn.Parameter]] = []
     for chunk in chunks:
+        if stage < 3:
+            groups += [[p] for p in chunk.parameters()]
+            continue
         blocks = list(chunk.layers.values()) if hasattr(chunk, "layers") else []
         in_block = {id(p) for blk in blocks for p in blk.parameters()}
         own = [p for p in chunk.parameters() if getattr(p, "own_bucket", False)]
         rest = [p for p in chunk.parameters() if id(p) not in in_block and not getattr(p, "own_bucket", False)]
-        if stage < 3:
-            ordered = [p for p in chunk.parameters()]
-            groups += [[p] for p in ordered]
-            continue
         groups += [[p] for p in own]
         if rest:
             groups.append(rest)
         groups += [list(blk.parameters()) for blk in blocks]
     return groups
+
+
+def build_layout(chunks: list[nn.Module], zero: ZeroConfig, dp: int) -> BufferLayout:
+    """The flat ZeRO layout of these chunks (also what offline checkpoint writers must reproduce)."""
+    return BufferLayout(parameter_groups(chunks, zero.stage), dp, None if zero.stage == 3 else zero.reduce_bucket_size)
 
 
 class ZeroEngine:
@@ -51,8 +55,7 @@ class ZeroEngine:
         self.stage = zero.stage
         params = [p for c in chunks for p in c.parameters()]
         weight_decay = {id(p): decays(n, p) for c in chunks for n, p in c.named_parameters()}  # before ZeRO-3 storage
-        bucket_size = None if zero.stage == 3 else zero.reduce_bucket_size
-        self.layout = BufferLayout(parameter_groups(chunks, zero.stage), topo.dp, bucket_size)
+        self.layout = build_layout(chunks, zero, topo.dp)
         assert {id(p) for p in params} == set(self.layout.range_of), "every parameter is laid out once"
         tied = any(getattr(p, "own_bucket", False) for p in params)
         self.storage = ParamStorage(self.layout, zero.stage, topo.dp_group, topo.dp_rank,
@@ -61,7 +64,7 @@ class ZeroEngine:
         self.grads = GradSync(self.layout, zero.stage, topo.dp_group, topo.dp_rank, device, zero.overlap_comm,
                               embedding_group=topo.embedding_group if tied else None, grad_dtype=grad_dtype)
         self.optimizer = _build_optimizer(self.layout, self.grads, self.storage, weight_decay, opt, zero, topo)
-        self.stage3 = None
+        self.stage3 = None  # (bench/comm_volume.py reads its block buckets)
         if zero.stage == 3:
             self.stage3 = Stage3Hooks(chunks, self.layout, self.storage, zero.stage3_prefetch_layers)
             self.grads.on_bucket_done = self.stage3.on_bucket_grads_done
@@ -77,6 +80,8 @@ class ZeroEngine:
 
     def step(self, lr: float, max_norm: float, loss_scale: float) -> StepResult:
         result = self.optimizer.step(lr, max_norm, loss_scale)
+        if not result.skipped:
+            self.storage.after_step()  # stages 1-2: start gathering every rank's updated shard
         self.storage.release_all()
         return result
 

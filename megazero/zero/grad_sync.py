@@ -57,6 +57,7 @@ class GradSync:
         # called with a bucket index once its reduced gradient for the step is final (offload copies it)
         self.on_bucket_reduced = None
         self._reductions = [0] * len(layout.buckets)
+        self._reported: set[int] = set()  # buckets handed to on_bucket_reduced this step
         self._tied = {b.index for b in layout.buckets if any(getattr(p, "own_bucket", False) for p in b.params)}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
@@ -71,6 +72,7 @@ class GradSync:
         self._count = [0] * len(self.layout.buckets)
         self._launched = [False] * len(self.layout.buckets)
         self._reductions = [0] * len(self.layout.buckets)
+        self._reported.clear()
         if self.full:
             self.buffer.zero_()
             for p, ptr in self._view_ptrs:  # a view must stay a view (nothing may replace or drop it)
@@ -121,9 +123,8 @@ class GradSync:
             self.shards[b.index].add_(out, alpha=1.0 / self.dp)
             self._spare.setdefault(staging.numel(), []).append(staging)
         self._reductions[b.index] += 1
-        final = self.full or self._reductions[b.index] == self.num_microbatches
-        if final and self.on_bucket_reduced is not None and b.index not in self._tied:
-            self.on_bucket_reduced(b.index)  # tied buckets: after the cross-stage sum in finish()
+        if (self.full or self._reductions[b.index] == self.num_microbatches) and b.index not in self._tied:
+            self._report(b.index)  # tied buckets: after the cross-stage sum in finish()
 
     def _reclaim(self, bucket: int | None = None) -> None:
         """Complete finished reductions (and, for `bucket`, its unfinished one) so staging buffers are
@@ -157,9 +158,7 @@ class GradSync:
         """Launch what has not been launched (overlap off, or unused parameters), wait for every
         reduction, average over dp, then sum tied-embedding gradient shards across pipeline stages."""
         for b in self.layout.buckets:
-            if self.full and not self._launched[b.index]:
-                self._launch(b)
-            elif not self.full and b.index in self._staging:
+            if (not self._launched[b.index]) if self.full else b.index in self._staging:
                 self._launch(b)
         for entry in self._pending:
             self._complete(entry)
@@ -170,10 +169,13 @@ class GradSync:
             for b in self.layout.buckets:
                 if b.index in self._tied:
                     comm.all_reduce_(self.owned_bucket_grad(b), self.embedding_group)
-        if self.on_bucket_reduced is not None:
-            for b in self.layout.buckets:  # tied buckets, and any a microbatch left without gradients
-                if b.index in self._tied or not (self.full or self._reductions[b.index] == self.num_microbatches):
-                    self.on_bucket_reduced(b.index)
+        for b in self.layout.buckets:  # tied buckets, and any whose reductions did not run per microbatch
+            self._report(b.index)
+
+    def _report(self, bucket: int) -> None:
+        if self.on_bucket_reduced is not None and bucket not in self._reported:
+            self._reported.add(bucket)
+            self.on_bucket_reduced(bucket)
 
     # ----- what the optimizer reads ----------------------------------------------------------------
     def owned_bucket_grad(self, b: Bucket) -> torch.Tensor:

@@ -251,11 +251,6 @@ class NvmeStateStore:
         """After a failed step: trust only the files."""
         self.held.clear()
 
-    def invalidate(self) -> None:
-        """Forget what the slots hold (call after anything but this store writes the files)."""
-        self.finish()
-        self.held.clear()
-
     def release(self, i: int, sync: _DeviceSync | None = None) -> None:
         slot = i % 2
         self.slot_sync[slot] = sync

@@ -50,10 +50,13 @@ class ZeroOptimizer:
         """weight_decay: id(param) -> whether AdamW decays it (see `decays`). offload: None, or
         OffloadedAdam's keyword arguments mode / sub_group_size / nvme_path / rank_tag."""
         self.grads, self.storage, self.stage = grads, storage, stage
-        self.tp_rank, self.dp_group, self.model_group = tp_rank, dp_group, model_group
+        self.dp_group, self.model_group = dp_group, model_group
         self.fragments = layout.fragments_of_rank(dp_rank, whole=stage == 0)
         self.device = grads.device
         self.values = [storage.owned_values(f) for f in self.fragments]
+        # views into the gradient storage, which is allocated once and zeroed in place every step
+        self.grad_views = [grads.fragment_grad(f) for f in self.fragments]
+        self._owned_buckets = {f.bucket for f in self.fragments}
         self.counted = [counts_toward_norm(f.param, tp_rank) for f in self.fragments]
         self.offload = None
         if offload is not None:
@@ -80,10 +83,12 @@ class ZeroOptimizer:
         # A rank whose shards hold only padding owns nothing to step (tiny models, large dp).
         self.optimizer = cls(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps) \
             if groups else None
+        # (master, value) pairs that are separate tensors: the model dtype is not fp32
+        self._copy_back = [(m, v) for m, v in zip(self.masters, self.values) if m.data_ptr() != v.data_ptr()]
 
     def _bucket_reduced(self, bucket: int) -> None:
         frags = self._fragments_of_bucket.get(bucket, [])
-        self.offload.copy_grads_to_host(frags, [self.grads.fragment_grad(self.fragments[i]) for i in frags])
+        self.offload.copy_grads_to_host(frags, [self.grad_views[i] for i in frags])
         self._host_grads.add(bucket)
 
     def _sum_over_ranks(self, value: torch.Tensor, op: str) -> torch.Tensor:
@@ -96,7 +101,7 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def step(self, lr: float, max_norm: float, loss_scale: float) -> StepResult:
-        grads = [self.grads.fragment_grad(f) for f in self.fragments]
+        grads = self.grad_views
         # One pass, one all-reduce for both questions: [sum of g^2 over everything this rank owns
         # (inf/NaN iff some element is), sum of g^2 over the elements that count toward the norm].
         # Scalars live on the gradients' device: NCCL groups reduce only device tensors.
@@ -106,7 +111,7 @@ class ZeroOptimizer:
             sums[0] += sq
             if counted:
                 sums[1] += sq
-        sums[0] = 0.0 if torch.isfinite(sums[0]) else 1.0
+        sums[0] = (~torch.isfinite(sums[0])).float()  # a 0/1 flag, without waiting for the device
         everything, counted_sq = self._sum_over_ranks(sums, "sum").tolist()
         if everything > 0:
             if self.offload is not None:
@@ -117,10 +122,9 @@ class ZeroOptimizer:
         if max_norm > 0 and max_norm / (norm + 1e-6) < 1.0:
             coeff *= max_norm / (norm + 1e-6)
         if self.offload is not None:
-            ready = {f.bucket for f in self.fragments} <= self._host_grads
+            ready = self._owned_buckets <= self._host_grads
             self._host_grads = set()
             self.offload.step(grads, coeff, lr, host_grads_ready=ready)
-            self.storage.after_step()
             return StepResult(norm, skipped=False)
         for master, g in zip(self.masters, grads):
             if coeff != 1.0:
@@ -130,11 +134,10 @@ class ZeroOptimizer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-        for master, value in zip(self.masters, self.values):
-            if master.data_ptr() != value.data_ptr():
-                value.copy_(master)
+        for master, value in self._copy_back:
+            value.copy_(master)
+        for master in self.masters:
             master.grad = None
-        self.storage.after_step()
         return StepResult(norm, skipped=False)
 
     # ----- checkpoints (megazero/checkpoint/) ----------------------------------------------------------

@@ -35,6 +35,7 @@ from megazero.checkpoint.format import LATEST, CheckpointReader, iteration_dirna
 from megazero.topology import GridShape, Topology
 from megazero.training.data_setup import ResolvedData
 from megazero.training.trainer import Trainer
+from tests.checkpoint_utils import assert_same_tensors, checkpoint_tensors  # noqa: F401 (used here and by siblings)
 from tests.dist_utils import run_distributed
 from tests.integration.test_layout_parity import Layout, layout_id, parity_config
 
@@ -44,28 +45,10 @@ RTOL = 1e-5  # fp32, different layouts: the layout-parity tolerance
 
 
 # ----- reading checkpoints -------------------------------------------------------------------------------
-def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every global tensor of a committed checkpoint, assembled whole (every file's sha256 verified)."""
-    reader = CheckpointReader(folder)
-    out = {}
-    for name in reader.tensors:
-        shape = reader.shape(name)
-        out[name] = reader.read(name, (0,) * len(shape), tuple(shape))
-    return out
-
-
 def rng_tensors(folder: Path) -> dict[str, torch.Tensor]:
     reader = CheckpointReader(folder)
     return {f"{slot}/{key}": reader.get(entry["file"], f"{entry['prefix']}/{key}")
             for slot, entry in reader.index["rng"].items() for key in [*entry["streams"], "ambient"]}
-
-
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert sorted(a) == sorted(b), f"{what}: different tensor sets"
-    for name, x in a.items():
-        y = b[name]
-        assert x.dtype == y.dtype and x.shape == y.shape, f"{what}: {name}"
-        assert torch.equal(x, y), f"{what}: {name} differs (max abs {(x.double() - y.double()).abs().max().item():.3g})"
 
 
 def assert_complete_optimizer_state(tensors: dict[str, torch.Tensor]) -> None:

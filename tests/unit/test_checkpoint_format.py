@@ -17,7 +17,7 @@ def _save(folder, iteration, tensors_by_layout, keep_last=None):
     part = fmt.prepare_partial(folder, iteration)
     index = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "tensors": {}, "files": {}}
     for rank, items in tensors_by_layout.items():
-        tensors, pieces = {}, []
+        tensors = {}
         for name, full, start, stop, lo, hi in items:
             region = full[tuple(slice(a, b) for a, b in zip(start, stop))].reshape(-1)
             key = f"{name}/{lo}"

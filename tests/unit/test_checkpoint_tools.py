@@ -25,6 +25,7 @@ from megazero.checkpoint import format as fmt
 from megazero.checkpoint.api import load_model, single_process_group
 from megazero.checkpoint.format import CheckpointReader
 from megazero.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, TrainingConfig
+from tests.checkpoint_utils import assert_same_tensors, checkpoint_tensors
 from tests.dist_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,18 +105,10 @@ def ckpts(tiny_dataset, tmp_path_factory):
     return out
 
 
-def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    reader = CheckpointReader(folder)
-    return {n: reader.read(n, (0,) * len(t["shape"]), tuple(t["shape"])) for n, t in reader.tensors.items()}
-
-
 def _assert_same_tensors(a: Path, b: Path, kinds=fmt.KINDS) -> None:
-    ta, tb = _all_tensors(a), _all_tensors(b)
-    ta = {n: t for n, t in ta.items() if n.split("/")[0] in kinds}
-    tb = {n: t for n, t in tb.items() if n.split("/")[0] in kinds}
-    assert set(ta) == set(tb)
-    for name in ta:
-        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+    """Exactly equal global tensors of the given kinds."""
+    ta, tb = ({n: t for n, t in checkpoint_tensors(f).items() if n.split("/")[0] in kinds} for f in (a, b))
+    assert_same_tensors(ta, tb, f"{a} vs {b}")
 
 
 def _run(module, argv, capsys) -> tuple[int, str, str]:
@@ -228,14 +221,14 @@ def test_hf_export_logits_match_load_model(ckpts, tmp_path, capsys):
 
 
 def test_hf_import_of_export_is_exact(ckpts, tmp_path, capsys):
-    src = _all_tensors(ckpts["src"])
+    src = checkpoint_tensors(ckpts["src"])
     assert _run(convert, ["--load", ckpts["src"], "--to-hf", tmp_path / "hf"], capsys)[0] == 0
     code, out, err = _run(convert, ["--from-hf", tmp_path / "hf", "--save", tmp_path / "bf16", "--params-dtype", "bf16",
                                     "--target-tp", "2", "--target-pp", "2"], capsys)
     assert code == 0, err
     back = fmt.resolve_checkpoint(tmp_path / "bf16")
     assert back.name == "iter_0000000" and (back / "tokenizer.model").is_file()
-    imported = _all_tensors(back)
+    imported = checkpoint_tensors(back)
     for name, t in src.items():
         if name.startswith(("model/", "master/")):  # bf16 values and fp32 masters: bit-exact
             assert torch.equal(imported[name], t), name

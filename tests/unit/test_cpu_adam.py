@@ -4,7 +4,6 @@ torch.optim.AdamW / Adam, the bf16/fp16 copy, non-finite detection, odd sizes, a
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
