@@ -74,6 +74,18 @@ def keep_checkpoint_batch(cfg: RunConfig, folder: Path, world_size: int, log) ->
     return cfg.replace(training={"global_batch_size": gbs})
 
 
+def keep_run_dir(cfg: RunConfig, folder: Path) -> RunConfig:
+    """A resumed run continues the run folder its checkpoint was written from (kept in the
+    checkpoint's config), so one run has one set of CSVs, TensorBoard curves and summary; an explicit
+    --output-dir wins."""
+    from megazero.checkpoint.format import read_index
+
+    if cfg.logging.output_dir:
+        return cfg
+    saved = read_index(folder)["config"].get("logging", {}).get("output_dir")
+    return cfg.replace(logging={"output_dir": saved}) if saved else cfg
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Train; returns the run summary (what summary.json holds) on the writing rank, {} elsewhere."""
     env = LaunchEnv.from_environ()
@@ -83,6 +95,7 @@ def run(argv: list[str] | None = None) -> dict:
         resume_from = checkpoint_to_resume(cfg)
         if resume_from is not None:
             cfg = keep_checkpoint_batch(cfg, resume_from, env.world_size, log)
+            cfg = keep_run_dir(cfg, resume_from)
         cfg.validate(env.world_size)
         cfg = cfg.resolved(env.world_size)
         backend = resolve_backend(cfg.parallel.distributed_backend)
@@ -101,6 +114,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from megazero import comm
     from megazero.topology import GridShape, Topology
     from megazero.training.trainer import Trainer
 
@@ -114,6 +128,8 @@ def run(argv: list[str] | None = None) -> dict:
         log(f"data: {data.description}")
         writer = env.rank == env.world_size - 1
         run_dir, created = make_run_dir(cfg) if writer else (None, None)
+        # Every rank records the writer's folder in its config, so checkpoints carry it (resume).
+        cfg = cfg.replace(logging={"output_dir": str(comm.all_gather_object(run_dir, topo.world_group)[-1])})
         if run_dir is not None:
             (run_dir / "config.json").write_text(cfg.to_json() + "\n")
             print(f"run directory: {run_dir.resolve()}", flush=True)

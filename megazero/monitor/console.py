@@ -52,3 +52,35 @@ def format_eval_block(iteration: int, *, lm_loss: float, ppl: float) -> list[str
     line = format_eval_line(iteration, lm_loss=lm_loss, ppl=ppl)
     rule = "-" * (len(line) + 1)
     return [rule, line, rule]
+
+
+def _loss_ppl(loss: float | None, ppl: float | None) -> str:
+    return "n/a" if loss is None else f"lm loss {loss:.4f}, ppl {ppl:.2f}"
+
+
+def format_closing_summary(summary: dict, *, run_dir: str, test_loss: float | None,
+                           test_ppl: float | None) -> list[str]:
+    """The lines a finished (or stopped) run ends with: where it got to, its final and best losses,
+    validation and test loss, throughput, wall time and where every result went."""
+    extra = summary.get("extra", {})
+    wall = summary.get("total_wall_time_s") or 0.0
+    minutes, seconds = divmod(int(round(wall)), 60)
+    rule = "=" * 100
+    lines = [rule, f" run finished at iteration {summary.get('iterations')}/{summary.get('total_iters')} "
+                   f"({extra.get('exit_reason', 'done')}) in {minutes}:{seconds:02d}"]
+    final, best = summary.get("final_train_loss"), summary.get("best_train_loss")
+    if final is not None:
+        lines.append(f" train lm loss: final {final:.4f} (mean of the last log interval), best {best:.4f} "
+                     f"at iteration {summary.get('best_train_loss_iteration')}")
+    if summary.get("final_validation_loss") is not None:
+        lines.append(f" validation: {_loss_ppl(summary['final_validation_loss'], summary['final_validation_ppl'])} "
+                     f"at iteration {summary['final_validation_iteration']}; best "
+                     f"{summary['best_validation_loss']:.4f} at iteration {summary['best_validation_iteration']}")
+    if test_loss is not None:
+        lines.append(f" test: {_loss_ppl(test_loss, test_ppl)}")
+    if summary.get("mean_tokens_per_sec") is not None:
+        lines.append(f" throughput: {summary['mean_tokens_per_sec']:,.0f} tokens/s "
+                     f"(mean over the log intervals after the first)")
+    lines += [f" results: {run_dir} (summary.json, training_metrics.csv, validation_metrics.csv, "
+              f"tensorboard/, training_curves.png)", rule]
+    return lines

@@ -4,9 +4,11 @@ Floats are written with `repr(float)`, the shortest string that parses back to t
 double, so two runs can be compared to 1e-7 (or exactly) from their CSVs alone. Each row is
 flushed as it is written: a run that crashes loses no logged row.
 
-Resuming into the same run dir appends to the existing file (data is never overwritten). Rows
-logged after the resumed checkpoint but before the crash then appear twice for the same
-iteration; `read_metrics_csv(..., dedupe=True)` keeps the last row of each iteration.
+A resumed run continues the same files: the trainer opens them with `keep_through=N` (the
+checkpoint's iteration), which drops rows after N, logged by an attempt that died before its next
+checkpoint (the file is rewritten atomically), so every iteration has one row. Without
+`keep_through` the file is appended to as it is; `read_metrics_csv(..., dedupe=True)` then keeps
+the last row of each iteration.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import IO, Union
 
 from megazero.errors import ConfigError
+from megazero.fileio import atomic_open
 from megazero.monitor.records import EvalRecord, TrainRecord
 
 TRAIN_CSV_NAME = "training_metrics.csv"
@@ -44,11 +47,14 @@ def _format(column: str, value: float | int) -> str:
 class MetricsCsv:
     """An append-only CSV file with a fixed header; one `write(record)` per row."""
 
-    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+    def __init__(self, path: Path, columns: Sequence[str], keep_through: int | None = None) -> None:
+        """keep_through=N: keep only the existing rows of iterations <= N (a resume from iteration N);
+        they are in `kept_rows` (parsed) for the caller's summary."""
         self.path = Path(path)
         self.columns = tuple(columns)
         header = ",".join(self.columns)
         exists = self.path.exists() and self.path.stat().st_size > 0
+        self.kept_rows: list[dict[str, float | int]] = []
         if exists:
             with open(self.path, encoding="utf-8") as f:
                 found = f.readline().rstrip("\r\n")
@@ -57,6 +63,14 @@ class MetricsCsv:
                     f"{self.path} exists with header {found!r}, expected {header!r}; "
                     "move it away or use a different run dir"
                 )
+            if keep_through is not None:
+                rows = read_metrics_csv(self.path)
+                self.kept_rows = [r for r in rows if r["iteration"] <= keep_through]
+                if len(self.kept_rows) != len(rows):
+                    with atomic_open(self.path, "w") as f:
+                        f.write(header + "\n")
+                        for row in self.kept_rows:
+                            f.write(",".join(_format(c, row[c]) for c in self.columns) + "\n")
         self._file: IO[str] | None = open(self.path, "a", encoding="utf-8", newline="")
         if not exists:
             self._file.write(header + "\n")

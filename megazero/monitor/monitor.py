@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from megazero.monitor.console import format_eval_block, format_train_line
+from megazero.monitor.console import format_closing_summary, format_eval_block, format_train_line
 from megazero.monitor.csv_log import (
     TRAIN_COLUMNS,
     TRAIN_CSV_NAME,
@@ -59,8 +59,15 @@ class TrainingMonitor:
         total_iters: int,
         log: Callable[[str], None] = print,
         csv: bool = True,
+        resume_iteration: int | None = None,
     ) -> None:
-        """csv=False (DeepSpeed's csv_monitor disabled) skips training_metrics.csv / validation_metrics.csv."""
+        """csv=False (DeepSpeed's csv_monitor disabled) skips training_metrics.csv / validation_metrics.csv.
+
+        resume_iteration (the iteration training starts from: 0 fresh, N after loading a checkpoint
+        of iteration N) makes the run folder continue one run across restarts: CSV rows and
+        TensorBoard events after N (logged by an attempt that died before its next checkpoint) are
+        dropped, rows up to N are kept and count in summary.json and the PNG. None (default): append
+        to whatever the files hold."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.total_iters = int(total_iters)
@@ -77,10 +84,14 @@ class TrainingMonitor:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if csv:
-            self._train_csv = MetricsCsv(self.run_dir / TRAIN_CSV_NAME, TRAIN_COLUMNS)
-            self._eval_csv = MetricsCsv(self.run_dir / VALIDATION_CSV_NAME, VALIDATION_COLUMNS)
+            self._train_csv = MetricsCsv(self.run_dir / TRAIN_CSV_NAME, TRAIN_COLUMNS, keep_through=resume_iteration)
+            self._eval_csv = MetricsCsv(self.run_dir / VALIDATION_CSV_NAME, VALIDATION_COLUMNS,
+                                        keep_through=resume_iteration)
+            self._train = [TrainRecord(**row) for row in self._train_csv.kept_rows]
+            self._evals = [EvalRecord(**row) for row in self._eval_csv.kept_rows]
         if tensorboard_dir is not None:
-            self._tb = TensorBoardWriter(Path(tensorboard_dir))
+            self._tb = TensorBoardWriter(Path(tensorboard_dir),
+                                         purge_step=None if resume_iteration is None else resume_iteration + 1)
 
     def log_train(
         self,
@@ -185,6 +196,10 @@ class TrainingMonitor:
             for sink in (self._train_csv, self._eval_csv, self._tb):
                 if sink is not None:
                     sink.close()
+        test = summary["extra"].get("test_lm_loss")
+        for line in format_closing_summary(summary, run_dir=str(self.run_dir.resolve()), test_loss=test,
+                                           test_ppl=None if test is None else perplexity(test)):
+            self._log(line)
         return summary
 
     def __enter__(self) -> TrainingMonitor:

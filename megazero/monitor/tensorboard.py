@@ -3,7 +3,8 @@
 Every scalar uses the iteration as its step, except the `... vs samples` variant, whose step is
 the number of consumed samples (it lines up runs with different global batch sizes). Tag names are
 Megatron-LM's so that dashboards and comparison scripts work on both. `iteration-time` is in
-seconds, as in Megatron.
+seconds, as in Megatron (the console line prints milliseconds and says so); `tokens-per-sec` is
+megazero's addition.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class TensorBoardWriter:
     """Writes training and validation scalars under `log_dir`; flushes after each call so a
     crashed run's dashboard is complete up to its last logged iteration."""
 
-    def __init__(self, log_dir: Path, *, max_queue: int = 1000) -> None:
+    def __init__(self, log_dir: Path, *, max_queue: int = 1000, purge_step: int | None = None) -> None:
+        """purge_step: a resumed run's first new step; TensorBoard hides this folder's older events at
+        or after it (an attempt that died after its last checkpoint), so one run shows one curve."""
         # Imported here, not at module level: `torch.utils.tensorboard` pulls in the tensorboard
         # package (about a second), which ranks that do not write should never pay for.
         try:
@@ -43,7 +46,8 @@ class TensorBoardWriter:
                 "`pip install tensorboard`, or run without a tensorboard dir"
             ) from e
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        self._writer: SummaryWriter | None = SummaryWriter(log_dir=str(log_dir), max_queue=max_queue)
+        self._writer: SummaryWriter | None = SummaryWriter(log_dir=str(log_dir), max_queue=max_queue,
+                                                                  purge_step=purge_step)
 
     def add_train(self, r: TrainRecord) -> None:
         w = self._live()

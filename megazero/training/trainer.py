@@ -116,19 +116,24 @@ class Trainer:
                  f"accumulation x {topo.dp} dp; ZeRO stage {cfg.zero.stage}, {pr.params_dtype}")
         if self.zero.optimizer.offload is not None:
             self.log(self.zero.optimizer.offload.describe() + " (rank 0)")
-        # The last rank holds the loss (last pipeline stage) and writes every monitoring file.
-        self.monitor = TrainingMonitor(
-            run_dir or Path("."), tensorboard_dir=self._tensorboard_dir(run_dir), config=cfg.to_dict(),
-            enabled=run_dir is not None and topo.rank == topo.world_size - 1, total_iters=t.train_iters,
-            log=print, csv=not cfg.logging.no_csv)
+        self.run_dir = run_dir
+        self.monitor: TrainingMonitor | None = None  # opened by train(), once the start iteration is known
         self.phase_ms: dict[str, float] = {}  # --wall-clock-breakdown: this step's phase times
         self.log_writer = print if topo.rank == topo.world_size - 1 else (lambda _: None)
 
-    def _tensorboard_dir(self, run_dir: Path | None) -> Path | None:
-        lc = self.cfg.logging
-        if run_dir is None or lc.no_tensorboard:
-            return None
-        return Path(lc.tensorboard_dir) if lc.tensorboard_dir else run_dir / "tensorboard"
+    def _open_monitor(self) -> TrainingMonitor:
+        """The last rank holds the loss (last pipeline stage) and writes every monitoring file. Opened
+        at the iteration training starts from, so a resumed run continues its run folder's CSVs and
+        TensorBoard curves (rows an earlier attempt logged after its last checkpoint are replaced)."""
+        lc, run_dir = self.cfg.logging, self.run_dir
+        tensorboard_dir = None
+        if run_dir is not None and not lc.no_tensorboard:
+            tensorboard_dir = Path(lc.tensorboard_dir) if lc.tensorboard_dir else run_dir / "tensorboard"
+        return TrainingMonitor(
+            run_dir or Path("."), tensorboard_dir=tensorboard_dir, config=self.cfg.to_dict(),
+            enabled=run_dir is not None and self.topo.rank == self.topo.world_size - 1,
+            total_iters=self.cfg.training.train_iters, log=print, csv=not lc.no_csv,
+            resume_iteration=self.iteration)
 
     # ----- data ----------------------------------------------------------------------------------
     def _batches(self, split: str, consumed: int) -> Iterator[Microbatch]:
@@ -288,9 +293,11 @@ class Trainer:
         self._sigterm = _SigtermFlag() if c.save else None
         history: list[StepRecord] = []
         stop: str | None = None
+        self.monitor = self._open_monitor()
         batches = self._batches("train", self.consumed_samples)
         tokens_per_iter = self.global_batch * self.cfg.model.seq_length
         interval_start, interval_iters = time.perf_counter(), 0
+        interval_losses: list[float] = []  # lm loss of this log interval's applied (not skipped) steps
         timeline_out = self.cfg.logging.timeline_out
         timeline_events: list[dict] = []
         comm.traffic.enabled = self.cfg.logging.log_comm
@@ -303,16 +310,22 @@ class Trainer:
                 timeline_events, self.executor.record_timeline = self.executor.events, False
             history.append(record)
             interval_iters += 1
+            if not record.skipped:
+                interval_losses.append(record.lm_loss)
             last = record.iteration == t.train_iters
             if record.iteration % t.log_interval == 0 or last:
                 elapsed = time.perf_counter() - interval_start
+                # Megatron logs the mean lm loss over the log interval's applied steps (one step's loss
+                # is noisy); with every step skipped, the step's own (non-finite) loss.
+                loss = sum(interval_losses) / len(interval_losses) if interval_losses else record.lm_loss
+                interval_losses = []
                 self.monitor.log_train(
-                    record.iteration, consumed_samples=record.consumed_samples, lm_loss=record.lm_loss,
+                    record.iteration, consumed_samples=record.consumed_samples, lm_loss=loss,
                     lr=record.lr, grad_norm=record.grad_norm, batch_size=self.global_batch,
                     iteration_time_ms=1000.0 * elapsed / interval_iters,
                     tokens_per_sec=tokens_per_iter * interval_iters / elapsed)
-                if not math.isfinite(record.lm_loss):
-                    raise FloatingPointError(f"loss is {record.lm_loss} at iteration {record.iteration}")
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at iteration {record.iteration}")
                 self._log_accounting(record.iteration, step_traffic)
                 if self.phase_ms:  # the logged step's phases (DeepSpeed's wall_clock_breakdown)
                     self.monitor.log_scalars(
@@ -332,6 +345,7 @@ class Trainer:
             if record.iteration % t.log_interval == 0 or record.iteration % t.eval_interval == 0:
                 # throughput intervals start after logging / evaluation, so they measure training only
                 interval_start, interval_iters = time.perf_counter(), 0
+        interval_losses: list[float] = []  # lm loss of this log interval's applied (not skipped) steps
         self.zero.wait()  # no parameter gather may outlive training (teardown, checkpoints)
         if c.save and self.last_saved != self.iteration:
             self.save()

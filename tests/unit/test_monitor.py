@@ -243,6 +243,49 @@ def test_resume_appends(tmp_path: Path) -> None:
         TrainingMonitor(tmp_path, tensorboard_dir=None, config={}, enabled=True, total_iters=5)
 
 
+def test_resume_continues_the_run_folder(tmp_path: Path) -> None:
+    """A run that logged 1..6, died, and resumed from its checkpoint at 4: rows 5-6 are replaced, not
+    duplicated, in the CSVs and in TensorBoard; summary.json and the PNG cover 1..8."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def attempt(start: int, stop: int, resume: int | None, lines: list[str]) -> dict:
+        mon = TrainingMonitor(tmp_path, tensorboard_dir=tmp_path / "tb", config={}, enabled=True, total_iters=8,
+                              log=lines.append, resume_iteration=resume)
+        for i in range(start, stop + 1):
+            mon.log_train(i, **{**_train_kwargs(i), "lm_loss": 10.0 * (resume or 0) + i})
+            if i % 2 == 0:
+                mon.log_eval(i, lm_loss=100.0 + 10.0 * (resume or 0) + i)
+        return mon.close()
+
+    attempt(1, 6, 0, [])
+    lines: list[str] = []
+    summary = attempt(5, 8, 4, lines)  # attempt 2 logs different losses for 5..8
+    rows = read_metrics_csv(tmp_path / "training_metrics.csv")
+    assert [(r["iteration"], r["lm_loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
+                                                             (5, 45.0), (6, 46.0), (7, 47.0), (8, 48.0)]
+    evals = read_metrics_csv(tmp_path / "validation_metrics.csv")
+    assert [(r["iteration"], r["lm_loss"]) for r in evals] == [(2, 102.0), (4, 104.0), (6, 146.0), (8, 148.0)]
+    assert summary["first_train_loss"] == 1.0 and summary["best_train_loss"] == 1.0
+    assert summary["final_train_loss"] == 48.0 and summary["logged_intervals"] == 8
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("lm loss")] == [(r["iteration"], r["lm_loss"]) for r in rows]
+    assert any(line.startswith(" train lm loss: final 48.0000") for line in lines), lines
+    assert any(line.startswith(" results: " + str(tmp_path.resolve())) for line in lines), lines
+    # A fresh start (resume at 0) of a restarted job replaces everything the dead attempt logged.
+    attempt(1, 2, 0, [])
+    assert [r["iteration"] for r in read_metrics_csv(tmp_path / "training_metrics.csv")] == [1, 2]
+
+
+def test_closing_summary_lines(finished_run: dict) -> None:
+    lines = finished_run["lines"]
+    start = next(i for i, line in enumerate(lines) if line.startswith(" run finished at iteration 20/200"))
+    text = "\n".join(lines[start:])
+    assert f"train lm loss: final {_loss(20):.4f} (mean of the last log interval), best 0.3333 at iteration 12" in text
+    assert "validation: lm loss 4.2500, ppl 70.11 at iteration 20; best 4.2500 at iteration 20" in text
+    assert "throughput: " in text and str(finished_run["run_dir"].resolve()) in text
+
+
 def test_csv_disabled_writes_no_csv(tmp_path):
     """DeepSpeed's csv_monitor {enabled: false} / --no-csv: TensorBoard-free, CSV-free run directory."""
     from megazero.monitor import TrainingMonitor
