@@ -53,7 +53,10 @@ def run_tool(run, parser: argparse.ArgumentParser, argv=None) -> int:
 def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p = _OneRankParser(
         prog="pretrain_gpt.py", rank=rank, argument_default=argparse.SUPPRESS,
-        description="Pretrain a GPT with tensor and data parallelism (Megatron-LM flag names).",
+        description=("Pretrain a GPT with tensor, pipeline (1F1B / interleaved) and data parallelism, "
+                     "ZeRO stages 0-3 with CPU/NVMe offload, bf16/fp16 mixed precision and checkpoints "
+                     "that load into any layout. Flags use Megatron-LM's names; --deepspeed-config takes a "
+                     "DeepSpeed ds_config.json."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     g = p.add_argument_group("parallelism")
