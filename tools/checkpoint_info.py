@@ -179,7 +179,7 @@ def run(args) -> None:
     except (KeyError, TypeError, IndexError) as err:
         raise CheckpointError(f"{folder / INDEX}: malformed checkpoint index (missing or bad {err})") from None
     if args.verify:
-        verify(folder, index, show_progress=True)
+        verify(folder, index, show_progress=sys.stderr.isatty())  # no bar remnants in logs
     if args.json:
         out = {**info, "verified": bool(args.verify)}
         if table is not None:

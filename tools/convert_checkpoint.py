@@ -108,7 +108,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
 
 
 def _bar(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="piece", file=sys.stderr, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="piece", file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=None)  # None: no bar when stderr is not a terminal (logs stay clean)
 
 
 def check_new_output(out: Path, flag: str) -> None:
@@ -256,7 +257,8 @@ def to_hf(args: argparse.Namespace) -> None:
     tmp.mkdir(parents=True)
     try:
         weights = {}
-        for name in tqdm(sorted(hf), desc="exporting", unit="tensor", file=sys.stderr, leave=False):
+        for name in tqdm(sorted(hf), desc="exporting", unit="tensor", file=sys.stderr, leave=False,
+                         disable=None):
             weights[name] = hf[name].contiguous()
         save_file(weights, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
         os.chmod(tmp / HF_WEIGHTS, 0o644)  # safetensors creates 0600

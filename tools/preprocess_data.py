@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> None:
         else:
             tokenizer = Tokenizer(args.tokenizer_model)
         total_bytes = sum(p.stat().st_size for p in paths)
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                  disable=None) as bar:  # None: no bar unless stderr is a terminal
             stats = write_dataset(_documents(paths, args, bar), tokenizer, prefix,
                                   append_eod=args.append_eod, num_threads=args.workers)
             bar.update(max(0, bar.total - bar.n))
