@@ -4,29 +4,95 @@ Every flag names its config field as `dest="section.field"`; unset flags are abs
 namespace (argparse.SUPPRESS), so the dataclass defaults in config.py are the only defaults.
 Settings whose features are not built (e.g. DeepSpeed keys through --deepspeed-config) are refused
 with a clear message at validation, never silently ignored.
+
+Every flag is checked as the user spelled it, while parsing (`_Checked` actions): a number outside
+the range its config field declares (config.num) or a non-finite float is refused, and so is a
+second setting of the same field that disagrees with the first: an alias (`--tp 2
+--tensor-model-parallel-size 1`), mutually exclusive switches (`--bf16 --fp16`) or a repeated flag.
+Usage errors are one `error: ...` line (rank 0), like every other bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections import defaultdict
 
-from megazero.config import RunConfig
-from megazero.errors import ConfigError
+from megazero.config import RunConfig, field_requirement, show_value
+from megazero.errors import ConfigError, write_elastic_error_file
+
+_GIVEN = "_megazero_given"  # namespace attribute: dest -> (option string as typed, value)
+
+
+def _config_fields() -> dict[str, dataclasses.Field]:
+    """"section.field" -> the dataclass field a flag's dest names."""
+    return {f"{s.name}.{f.name}": f for s in dataclasses.fields(RunConfig)
+            for f in dataclasses.fields(s.default_factory)}
+
+
+_FIELDS = _config_fields()
+
+
+def _shown(option: str, action: argparse.Action, value) -> str:
+    return option if action.nargs == 0 else f"{option} {show_value(value)}"
+
+
+class _Checked:
+    """Mixin for argparse's store actions: the value in its field's declared range, and no second
+    setting of the same dest that disagrees with the first (aliases, --bf16 vs --fp16, repeats)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if self.nargs == 0 else values
+        field = _FIELDS.get(self.dest)
+        problem = field_requirement(field, value) if field is not None else None
+        if problem:
+            raise ConfigError(f"{option_string} {problem}, got {show_value(value)}")
+        given = namespace.__dict__.setdefault(_GIVEN, {})
+        if self.dest in given:
+            first_option, first_action, first = given[self.dest]
+            if first != value:
+                a, b = _shown(first_option, first_action, first), _shown(option_string, self, value)
+                if first_option == option_string:
+                    raise ConfigError(f"{option_string} is given twice with different values ({a} and {b}); "
+                                      f"give it once")
+                what = self.dest.split(".")[-1].replace("_", " ")
+                raise ConfigError(f"{a} and {b} contradict each other (both set the {what}); give only one of them")
+        given[self.dest] = (option_string, self, value)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Store(_Checked, argparse._StoreAction):
+    pass
+
+
+class _StoreConst(_Checked, argparse._StoreConstAction):
+    pass
+
+
+class _StoreTrue(_Checked, argparse._StoreTrueAction):
+    pass
+
+
+class _StoreFalse(_Checked, argparse._StoreFalseAction):
+    pass
 
 
 class _OneRankParser(argparse.ArgumentParser):
-    """argparse whose usage errors are printed by rank 0 only (every rank still exits 2)."""
+    """argparse whose usage errors are one `error: ...` line printed by rank 0 only (every rank still
+    exits 2), with flags checked as they are parsed (_Checked)."""
 
     def __init__(self, *args, rank: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self._rank = rank
+        for name, cls in ((None, _Store), ("store", _Store), ("store_const", _StoreConst),
+                          ("store_true", _StoreTrue), ("store_false", _StoreFalse)):
+            self.register("action", name, cls)
 
     def error(self, message: str):
         if self._rank == 0:
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+            print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        write_elastic_error_file(f"error: {message} (see --help)")
         sys.exit(2)
 
 
@@ -208,8 +274,28 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
 
 
 
+_LOSS_SCALE_FLAGS = ("precision.loss_scale", "precision.initial_loss_scale", "precision.loss_scale_window",
+                     "precision.hysteresis", "precision.min_loss_scale")
+
+
+def _check_loss_scale_flags(given: dict, cfg: RunConfig) -> None:
+    """Loss-scale flags are fp16 settings, and a static --loss-scale excludes the dynamic ones."""
+    used = [d for d in _LOSS_SCALE_FLAGS if d in given]
+    if not used:
+        return
+    shown = _shown(*given[used[0]])
+    if "precision.loss_scale" in given and len(used) > 1:
+        dynamic = _shown(*given[used[1]])
+        raise ConfigError(f"{_shown(*given['precision.loss_scale'])} (a static loss scale) and {dynamic} (dynamic "
+                          f"loss scaling) contradict each other; give --loss-scale alone, or only the dynamic flags")
+    if cfg.precision.params_dtype != "fp16":
+        raise ConfigError(f"{shown} applies only to --fp16 training, and this run is {cfg.precision.params_dtype} "
+                          f"(no loss scaling); add --fp16 or drop {given[used[0]][0]}")
+
+
 def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
     ns = vars(build_parser(rank).parse_args(argv))
+    given = ns.pop(_GIVEN, {})  # dest -> (option as typed, action, value)
     ds_config = ns.pop("_ds.config", None)
     sections: dict[str, dict] = defaultdict(dict)
     for dest, value in ns.items():
@@ -220,5 +306,9 @@ def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
     if ds_config is not None:
         from megazero.ds_config import apply_ds_config
 
-        return apply_ds_config(ds_config, cli_sections=dict(sections))
-    return RunConfig().replace(**sections)
+        cfg = apply_ds_config(ds_config, cli_sections=dict(sections))
+    else:
+        cfg = RunConfig().replace(**sections)
+    _check_loss_scale_flags(given, cfg)
+    cfg.check_fields()
+    return cfg

@@ -3,33 +3,109 @@
 One dataclass per component. `megazero/cli.py` turns Megatron-style flags into a `RunConfig`;
 `RunConfig.validate(world_size)` checks every cross-field constraint once, on every rank, before any
 process group exists, raising ConfigError with a one-line fix. Nothing reads a global args object.
+
+Numeric fields declare what they accept where they are defined (`num(default, ge=, gt=, le=, lt=)`:
+range metadata on the dataclass field); `field_requirement` checks one value against it and
+`RunConfig.check_fields` checks a whole config. Every float must also be finite, declared or not.
+cli.py applies the same rule to each flag as the user spelled it, the ds_config mapping to each key
+of the file, so `--lr nan`, `--seed -1` or `"gradient_clipping": -1` is one line naming the input.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from megazero.errors import ConfigError
 
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+
+
+def num(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, flag: str | None = None) -> Any:
+    """A numeric dataclass field with the range it accepts (None is always accepted where the
+    default is None: "not given"); `flag` names it in messages when its flag is not --field-name."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "flag": flag})
+
+
+def _bound(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_text(meta: dict) -> str:
+    lo = (">=", meta.get("ge")) if meta.get("ge") is not None else (">", meta.get("gt"))
+    hi = ("<=", meta.get("le")) if meta.get("le") is not None else ("<", meta.get("lt"))
+    if lo[1] is not None and hi[1] is not None:
+        return f"in {'[' if lo[0] == '>=' else '('}{_bound(lo[1])}, {_bound(hi[1])}{']' if hi[0] == '<=' else ')'}"
+    if lo[1] is not None:
+        return f"{lo[0]} {_bound(lo[1])}"
+    if hi[1] is not None:
+        return f"{hi[0]} {_bound(hi[1])}"
+    return ""
+
+
+def field_requirement(f: dataclasses.Field, value: Any) -> str | None:
+    """What `value` for dataclass field `f` violates, as "must be ..." (None when it is fine): its
+    declared range (num(...)), and for any float, being finite."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    meta = f.metadata
+    rng = _range_text(meta)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number{' ' + rng if rng else ''}"
+    if not isinstance(value, (int, float)):
+        return None
+    ok = ((meta.get("ge") is None or value >= meta["ge"]) and (meta.get("gt") is None or value > meta["gt"])
+          and (meta.get("le") is None or value <= meta["le"]) and (meta.get("lt") is None or value < meta["lt"]))
+    return None if ok else f"must be {rng}"
+
+
+def field_flag(f: dataclasses.Field) -> str:
+    """How messages name a field: its flag (`--lr`)."""
+    return f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+
+
+def show_value(value: Any) -> str:
+    return f"{value:.10g}" if isinstance(value, float) else str(value)
+
+
+def check_folder(flag: str, path: str | None) -> None:
+    """A folder the run creates or writes into (--output-dir, --save, ...): not an existing file, and its
+    nearest existing ancestor a folder this process may write into. ConfigError otherwise."""
+    import os
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a folder; choose a folder")
+    existing = next(a for a in [p, *p.parents] if a.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, so the folder cannot be created there; choose "
+                          f"another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable by this user; choose a folder you can "
+                          f"write to")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    num_layers: int = 4
-    hidden_size: int = 256
-    num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None  # default 4 * hidden_size (GPT-2)
-    seq_length: int = 128
-    max_position_embeddings: int | None = None  # default seq_length
-    vocab_size: int | None = None  # logical vocab; filled from the tokenizer at build time
-    make_vocab_size_divisible_by: int = 128
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
-    layernorm_epsilon: float = 1e-5
+    num_layers: int = num(4, ge=1)
+    hidden_size: int = num(256, ge=1)
+    num_attention_heads: int = num(4, ge=1)
+    ffn_hidden_size: int | None = num(None, ge=1)  # default 4 * hidden_size (GPT-2)
+    seq_length: int = num(128, ge=1)
+    max_position_embeddings: int | None = num(None, ge=1)  # default seq_length
+    vocab_size: int | None = num(None, ge=1)  # logical vocab; filled from the tokenizer at build time
+    make_vocab_size_divisible_by: int = num(128, ge=1)
+    hidden_dropout: float = num(0.1, ge=0.0, lt=1.0)
+    attention_dropout: float = num(0.1, ge=0.0, lt=1.0)
+    init_method_std: float = num(0.02, gt=0.0)
+    layernorm_epsilon: float = num(1e-5, gt=0.0)
     fused_kernels: bool = True  # fused CUDA norms where built and applicable (--no-fused-kernels: reference)
 
     @property
@@ -53,14 +129,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = num(1, ge=1)
+    pipeline_model_parallel_size: int = num(1, ge=1)
     distributed_backend: str | None = None  # None: nccl with CUDA, else gloo
     # Interleaved pipeline: give either the chunk count per stage (vp) or Megatron's layers per chunk.
-    virtual_pipeline_model_parallel_size: int | None = None
-    num_layers_per_virtual_pipeline_stage: int | None = None
-    decoder_first_pipeline_num_layers: int | None = None
-    decoder_last_pipeline_num_layers: int | None = None
+    virtual_pipeline_model_parallel_size: int | None = num(None, ge=1)
+    num_layers_per_virtual_pipeline_stage: int | None = num(None, ge=1)
+    decoder_first_pipeline_num_layers: int | None = num(None, ge=0)
+    decoder_last_pipeline_num_layers: int | None = num(None, ge=0)
 
 
 @dataclass(frozen=True)
@@ -69,12 +145,12 @@ class PrecisionConfig:
     state are always fp32. fp16 uses a loss scaler (dynamic unless loss_scale is set)."""
 
     params_dtype: str = "fp32"  # fp32 | bf16 | fp16
-    loss_scale: float | None = None  # fp16: None = dynamic, a number = static scale
-    initial_loss_scale: float = 2.0**16
-    loss_scale_window: int = 1000  # overflow-free steps before the dynamic scale doubles
-    hysteresis: int = 2  # overflows tolerated before the scale halves
-    min_loss_scale: float = 1.0
-    max_consecutive_skipped_steps: int = 50  # stop the run after this many skipped steps in a row
+    loss_scale: float | None = num(None, gt=0.0)  # fp16: None = dynamic, a number = static scale
+    initial_loss_scale: float = num(2.0**16, gt=0.0)
+    loss_scale_window: int = num(1000, ge=1)  # overflow-free steps before the dynamic scale doubles
+    hysteresis: int = num(2, ge=1)  # overflows tolerated before the scale halves
+    min_loss_scale: float = num(1.0, gt=0.0)
+    max_consecutive_skipped_steps: int = num(50, ge=1)  # stop the run after this many skipped steps in a row
 
 
 @dataclass(frozen=True)
@@ -82,15 +158,15 @@ class ZeroConfig:
     """ZeRO over the data-parallel group: 0 = all-reduce gradients; 1 = shard optimizer state and fp32
     master weights; 2 = also gradients; 3 = also parameters. Sizes are in elements."""
 
-    stage: int = 0
+    stage: int = num(0, ge=0, le=3, flag="--zero-stage")
     # Gradient bucket (reduce / reduce-scatter unit): 6.25M elements = torch DDP's 25 MB in fp32, small
     # enough that reductions start while backward is still running on mid-sized models.
-    reduce_bucket_size: int = 6_250_000
+    reduce_bucket_size: int = num(6_250_000, ge=1, flag="--ddp-bucket-size")
     overlap_comm: bool = True  # reduce buckets during backward; gather parameters ahead of use
     # Gradient accumulation / reduction dtype: fp32 (Megatron's default for bf16; exact sums) or the
     # model's dtype (DeepSpeed's default; half the gradient memory and reduce traffic in bf16/fp16).
     grad_reduce_dtype: str = "fp32"  # fp32 | model
-    stage3_prefetch_layers: int = 1  # stage 3: layers whose parameters are gathered ahead
+    stage3_prefetch_layers: int = num(1, ge=0)  # stage 3: layers whose parameters are gathered ahead
     # Offload (zero/offload.py): fp32 masters + Adam moments to host RAM or NVMe files, stepped by the
     # CPU Adam; parameter shards to host RAM (stage 3).
     offload_optimizer: str = "none"  # none | cpu | nvme
@@ -98,23 +174,23 @@ class ZeroConfig:
     offload_nvme_path: str | None = None
     # Elements stepped per NVMe read/step/write round: host RAM holds 2 sub-groups' state (2 x 12 B/elt)
     # plus their gradients. DeepSpeed's default is 1e9; 1e8 keeps that window ~2.4 GB + 0.8 GB.
-    offload_sub_group_size: int = 100_000_000
+    offload_sub_group_size: int = num(100_000_000, ge=1)
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
     optimizer_type: str = "adamw"  # adamw (decoupled decay; Megatron's and DeepSpeed's "adam") | adam_l2
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_warmup_iters: int = 20
-    lr_warmup_init: float = 0.0  # lr the warmup starts from
+    lr: float = num(6e-4, gt=0.0)
+    min_lr: float = num(6e-5, ge=0.0)
+    weight_decay: float = num(0.1, ge=0.0)
+    adam_beta1: float = num(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = num(0.95, ge=0.0, lt=1.0)
+    adam_eps: float = num(1e-8, gt=0.0)
+    clip_grad: float = num(1.0, ge=0.0)
+    lr_warmup_iters: int = num(20, ge=0)
+    lr_warmup_init: float = num(0.0, ge=0.0)  # lr the warmup starts from
     lr_warmup_style: str = "linear"  # linear | log (DeepSpeed WarmupLR's default)
-    lr_decay_iters: int | None = None  # default train_iters
+    lr_decay_iters: int | None = num(None, ge=1)  # default train_iters
     lr_decay_style: str = "cosine"  # cosine | linear | constant
 
 
@@ -123,23 +199,24 @@ class DataConfig:
     data_path: str | None = None  # indexed-dataset prefix; None = default stdlib corpus
     tokenizer_model: str | None = None
     split: str = "969,30,1"
-    default_vocab_size: int | None = None  # tokenizer vocab for the default corpus (None: 4096)
+    # tokenizer vocab for the default corpus (None: 4096)
+    default_vocab_size: int | None = num(None, ge=1, flag="--vocab-size")
     cache_dir: str | None = None
-    num_workers: int = 0
+    num_workers: int = num(0, ge=0)
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     # Any two of micro / accumulation / global imply the third (global = micro x accumulation x dp).
     # micro None is only valid when global and accumulation are both given (a ds_config.json case).
-    micro_batch_size: int | None = 8
-    global_batch_size: int | None = None  # default micro x dp x pp (no accumulation without pipelining)
-    gradient_accumulation_steps: int | None = None
-    train_iters: int = 300
-    seed: int = 1234
-    log_interval: int = 10
-    eval_interval: int = 100
-    eval_iters: int = 10
+    micro_batch_size: int | None = num(8, ge=1)
+    global_batch_size: int | None = num(None, ge=1)  # default micro x dp x pp (no accumulation without pipelining)
+    gradient_accumulation_steps: int | None = num(None, ge=1)
+    train_iters: int = num(300, ge=1)
+    seed: int = num(1234, ge=0, le=SEED_MAX)
+    log_interval: int = num(10, ge=1)
+    eval_interval: int = num(100, ge=1)
+    eval_iters: int = num(10, ge=0)
     deterministic: bool = False
 
 
@@ -161,10 +238,10 @@ class CheckpointConfig:
 
     save: str | None = None  # folder of iter_N checkpoints + `latest`
     load: str | None = None  # resume from its `latest` (missing or empty folder: start from scratch)
-    save_interval: int | None = None  # iterations between saves (the end of the run always saves)
-    keep_last: int | None = None  # prune older committed checkpoints after each save
-    exit_interval: int | None = None  # stop (after saving) when iteration % N == 0
-    exit_duration_in_mins: float | None = None  # stop (after saving) once the run has lasted this long
+    save_interval: int | None = num(None, ge=1)  # iterations between saves (the end of the run always saves)
+    keep_last: int | None = num(None, ge=1)  # prune older committed checkpoints after each save
+    exit_interval: int | None = num(None, ge=1)  # stop (after saving) when iteration % N == 0
+    exit_duration_in_mins: float | None = num(None, gt=0.0)  # stop (after saving) once the run has lasted this long
     no_load_optim: bool = False  # load weights only: fresh Adam state
     no_load_rng: bool = False
     finetune: bool = False  # weights only, iteration and data position from 0
@@ -264,17 +341,26 @@ class RunConfig:
                                       "global_batch_size": gbs})
 
     # ----- validation ----------------------------------------------------------------------------
+    def check_fields(self) -> None:
+        """Every numeric field within the range its dataclass declares (num(...)), every float finite;
+        ConfigError naming the flag. Runs first in validate(), and in cli.parse_args per flag given."""
+        for section in dataclasses.fields(self):
+            values = getattr(self, section.name)
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                problem = field_requirement(f, value)
+                if problem:
+                    raise ConfigError(f"{field_flag(f)} {problem}, got {show_value(value)}")
+
     def validate(self, world_size: int) -> None:
         """Every cross-field check, before any process group exists. Raises ConfigError (one line)."""
         from megazero.topology import GridShape
 
-        m, p, o, t = self.model, self.parallel, self.optimizer, self.training
+        m, p, o = self.model, self.parallel, self.optimizer
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        self.check_fields()  # every number in its declared range, every float finite
         GridShape(world_size=world_size, tp=tp, pp=pp)  # world divisible by tp x pp
         self._validate_precision_and_zero()
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by"):
-            if getattr(m, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(m, name)}")
         if m.hidden_size % m.num_attention_heads:
             raise ConfigError(
                 f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}"
@@ -291,56 +377,36 @@ class RunConfig:
                 f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_positions}; "
                 f"raise --max-position-embeddings or lower --seq-length"
             )
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(m, name) < 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(m, name)}")
         self.batch_sizes(world_size)
         self._validate_pipeline(world_size)
-        if t.train_iters < 1:
-            raise ConfigError(f"--train-iters must be >= 1, got {t.train_iters}")
-        for name in ("log_interval", "eval_interval"):
-            if getattr(t, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
-        if t.eval_iters < 0:
-            raise ConfigError(f"--eval-iters must be >= 0, got {t.eval_iters}")
         if o.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ConfigError(f"--lr-decay-style must be cosine, linear or constant, got {o.lr_decay_style!r}")
-        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-            raise ConfigError(f"need 0 <= --min-lr ({o.min_lr}) <= --lr ({o.lr}) and --lr > 0")
-        if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:
-            raise ConfigError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
+        if o.min_lr > o.lr:
+            raise ConfigError(f"--min-lr {o.min_lr:g} exceeds --lr {o.lr:g}; the schedule decays from --lr down to "
+                              f"--min-lr, so lower --min-lr or raise --lr")
         self._validate_data_paths()
         self._validate_checkpoint()
 
     def _validate_checkpoint(self) -> None:
         c = self.checkpoint
-        for name in ("save_interval", "keep_last", "exit_interval"):
-            if getattr(c, name) is not None and getattr(c, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-        if c.exit_duration_in_mins is not None and c.exit_duration_in_mins <= 0:
-            raise ConfigError(f"--exit-duration-in-mins must be > 0, got {c.exit_duration_in_mins}")
         if (c.save_interval or c.keep_last) and not c.save:
             raise ConfigError("--save-interval / --keep-last need --save DIR")
-        if c.save and Path(c.save).exists() and not Path(c.save).is_dir():
-            raise ConfigError(f"--save {c.save}: exists and is not a folder; choose a folder")
+        used = [f for f, on in (("--finetune", c.finetune), ("--no-load-optim", c.no_load_optim),
+                                ("--no-load-rng", c.no_load_rng)) if on]
+        if used and not c.load:
+            raise ConfigError(f"{used[0]} changes what --load restores, and there is no --load; add --load "
+                              f"CHECKPOINT or drop {used[0]}")
+        check_folder("--save", c.save)
 
     def _validate_precision_and_zero(self) -> None:
         pr, z = self.precision, self.zero
         if pr.params_dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"params dtype must be fp32, bf16 or fp16, got {pr.params_dtype!r}")
-        if pr.loss_scale is not None and pr.loss_scale <= 0:
-            raise ConfigError(f"--loss-scale must be > 0 (omit it for dynamic scaling), got {pr.loss_scale}")
-        if pr.initial_loss_scale <= 0 or pr.min_loss_scale <= 0 or pr.min_loss_scale > pr.initial_loss_scale:
-            raise ConfigError(f"need 0 < --min-loss-scale ({pr.min_loss_scale}) <= --initial-loss-scale "
-                              f"({pr.initial_loss_scale})")
-        if pr.loss_scale_window < 1 or pr.hysteresis < 1 or pr.max_consecutive_skipped_steps < 1:
-            raise ConfigError("--loss-scale-window, --hysteresis and --max-consecutive-skipped-steps must be >= 1")
-        if z.stage not in (0, 1, 2, 3):
-            raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {z.stage}")
+        if pr.min_loss_scale > pr.initial_loss_scale:
+            raise ConfigError(f"--min-loss-scale {pr.min_loss_scale:g} exceeds --initial-loss-scale "
+                              f"{pr.initial_loss_scale:g}; lower --min-loss-scale or raise --initial-loss-scale")
         if z.grad_reduce_dtype not in ("fp32", "model"):
             raise ConfigError(f"--grad-reduce-dtype must be fp32 or model, got {z.grad_reduce_dtype!r}")
-        if z.reduce_bucket_size < 1:
-            raise ConfigError(f"--ddp-bucket-size must be >= 1 element, got {z.reduce_bucket_size}")
         self._validate_offload()
         if self.optimizer.optimizer_type not in ("adamw", "adam_l2"):
             raise ConfigError(f"optimizer must be adamw or adam_l2, got {self.optimizer.optimizer_type!r}")
@@ -363,8 +429,6 @@ class RunConfig:
         if z.offload_param != "none" and z.stage != 3:
             raise ConfigError(f"--offload-param {z.offload_param} needs --zero-stage 3 (only stage 3 shards the "
                               f"parameters); got --zero-stage {z.stage}")
-        if z.offload_sub_group_size < 1:
-            raise ConfigError(f"--offload-sub-group-size must be >= 1 element, got {z.offload_sub_group_size}")
         if z.offload_optimizer == "nvme":
             path = z.offload_nvme_path
             if not path:
@@ -404,16 +468,20 @@ class RunConfig:
 
         d, lc = self.data, self.logging
         parse_split(d.split)  # one-line DataError for a malformed --split
-        if d.num_workers < 0:
-            raise ConfigError(f"--num-workers must be >= 0, got {d.num_workers}")
         if d.data_path is not None and (d.default_vocab_size is not None or d.cache_dir is not None):
             raise ConfigError("--vocab-size and --data-cache-dir apply only to the default corpus; drop them when "
                               "giving --data-path (the tokenizer's vocab comes from --tokenizer-model)")
         if lc.no_tensorboard and lc.tensorboard_dir:
             raise ConfigError("--tensorboard-dir with --no-tensorboard: drop one of them")
+        for flag, folder in (("--output-dir", lc.output_dir), ("--tensorboard-dir", lc.tensorboard_dir),
+                             ("--data-cache-dir", d.cache_dir)):
+            check_folder(flag, folder)
         if lc.timeline_out and not Path(lc.timeline_out).resolve().parent.is_dir():
             raise ConfigError(f"--timeline-out {lc.timeline_out}: folder {Path(lc.timeline_out).resolve().parent} "
                               f"does not exist; create it or choose another path")
+        if lc.timeline_out and Path(lc.timeline_out).is_dir():
+            raise ConfigError(f"--timeline-out {lc.timeline_out}: is a folder; name a file, e.g. "
+                              f"{Path(lc.timeline_out) / 'timeline.json'}")
         if lc.output_dir and (Path(lc.output_dir) / "training_metrics.csv").exists() and not self.checkpoint.load:
             raise ConfigError(f"--output-dir {lc.output_dir} already holds a run (training_metrics.csv); choose a new "
                               f"folder, or add --load CHECKPOINT to continue that run")

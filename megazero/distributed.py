@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megazero.errors import ConfigError
+from megazero.errors import ConfigError, write_elastic_error_file
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,10 @@ class RankPrinter:
 
 
 def fail(message: str, rank: int, exit_code: int = 2) -> "NoReturn":  # noqa: F821
-    """One-line user error: printed by rank 0 only, every rank exits with `exit_code`."""
+    """One-line user error: printed by rank 0 only, every rank exits with `exit_code`. Under torchrun
+    every rank also writes it to its TORCHELASTIC_ERROR_FILE, so torchrun's failure summary names this
+    line as the root cause instead of "To enable traceback see: ..." (docs/failures.md)."""
     if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
+    write_elastic_error_file(f"error: {message}")
     sys.exit(exit_code)

@@ -4,7 +4,14 @@
 files). Its message is one line that says what is wrong and how to fix it. The entry point
 (`pretrain_gpt.py`, tools/) turns it into that line on stderr, printed by one rank, and exit code 2.
 Internal invariants use `assert`, never this class.
+
+Under torchrun the entry point also hands the line to torchrun (`write_elastic_error_file`), so the
+launcher's failure summary names it as the root cause (docs/failures.md).
 """
+
+import json
+import os
+import time
 
 
 class ConfigError(ValueError):
@@ -13,3 +20,18 @@ class ConfigError(ValueError):
 
 class DataError(ConfigError):
     """A problem with a data file, tokenizer or dataset the user pointed at."""
+
+
+def write_elastic_error_file(message: str) -> None:
+    """torchrun's error-file protocol (torch.distributed.elastic.multiprocessing.errors): each worker
+    may write {"message": str, "timestamp": seconds} to $TORCHELASTIC_ERROR_FILE; the agent shows the
+    message as that failure's "traceback" and names the earliest one the root cause. No-op outside
+    torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # the agent then reports the exit code alone

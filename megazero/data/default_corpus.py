@@ -121,7 +121,11 @@ def prepare_default_data(cache_dir: Path | str | None = None, vocab_size: int = 
                 log(f"default data: {what}, {meta['num_tokens']:,} tokens, cached in {folder}")
                 return prefix, model
             start = time.time()
-            stats = _build(files, prefix, model, vocab_size)
+            try:
+                stats = _build(files, prefix, model, vocab_size)
+            except OSError as err:  # a full disk, no permission: one line, not a traceback
+                raise DataError(f"{folder}: cannot build the default corpus there ({err.strerror or err}); free "
+                                f"space or pass --data-cache-dir DIR elsewhere") from None
             meta = {"recipe": _RECIPE_VERSION, "python": sys.version, "stdlib": str(root),
                     "num_files": len(files), "num_documents": stats[0], "num_tokens": stats[1],
                     "vocab_size": vocab_size, "bytes": nbytes}

@@ -19,7 +19,11 @@ little-endian.
 ``P.bin``: the T tokens, document after document, in the header's dtype (so its size is exactly
 ``T * itemsize`` bytes). The dtype is uint16 when ``vocab_size < 65536`` and int32 otherwise.
 
-`IndexedDataset` checks all of this on open and raises a one-line `DataError` naming the file.
+`IndexedDataset` checks all of this on open and raises a one-line `DataError` naming the file,
+including that every token id in ``P.bin`` is below the header's vocab_size (ids from another
+tokenizer would index past the embedding table). That needs one pass over the tokens, done the
+first time and cached beside the dataset in ``P.ids.json`` (the min and max id, keyed by the
+``.bin``'s size, mtime and inode; not written if the folder is read-only), so later opens are cheap.
 `IndexedDatasetBuilder` streams tokens to a temporary ``.bin`` and renames ``.bin`` then ``.idx``
 into place at `finalize`, so a crash never leaves a half-written dataset under the real names
 (a dataset is complete when both files exist and agree; see `dataset_exists`).
@@ -27,6 +31,7 @@ into place at `finalize`, so a crash never leaves a half-written dataset under t
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import uuid
@@ -63,6 +68,46 @@ def dataset_exists(prefix: str | Path) -> bool:
     return bin_path(prefix).is_file() and idx_path(prefix).is_file()
 
 
+def ids_cache_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.ids.json")
+
+
+def _scan_ids(tokens: np.ndarray, chunk: int = 1 << 26) -> tuple[int, int]:
+    """(min, max) token id, one chunked pass over the memory map."""
+    lo, hi = None, None
+    for start in range(0, tokens.size, chunk):
+        part = tokens[start:start + chunk]
+        lo = int(part.min()) if lo is None else min(lo, int(part.min()))
+        hi = int(part.max()) if hi is None else max(hi, int(part.max()))
+    return lo, hi
+
+
+def token_id_range(prefix: str | Path, tokens: np.ndarray, vocab_size: int) -> tuple[int, int]:
+    """(min, max) id of a non-empty dataset's tokens: from P.ids.json if it matches the .bin, else
+    scanned and, when within [0, vocab_size), cached there (best effort: a read-only folder just means
+    scanning again next time; a bad dataset gets no cache file, nothing is written beside it)."""
+    from megazero.fileio import atomic_open
+
+    st = bin_path(prefix).stat()
+    key = {"bin_bytes": st.st_size, "bin_mtime_ns": st.st_mtime_ns, "bin_inode": st.st_ino}
+    cache = ids_cache_path(prefix)
+    try:
+        cached = json.loads(cache.read_text())
+        if isinstance(cached, dict) and {k: cached.get(k) for k in key} == key:
+            return int(cached["min_id"]), int(cached["max_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    lo, hi = _scan_ids(tokens)
+    if lo < 0 or hi >= vocab_size:
+        return lo, hi
+    try:
+        with atomic_open(cache, "w") as f:
+            json.dump({**key, "min_id": lo, "max_id": hi}, f)
+    except OSError:
+        pass
+    return lo, hi
+
+
 class IndexedDatasetBuilder:
     """Writes a dataset document by document; only the document lengths are kept in memory.
 
@@ -93,8 +138,15 @@ class IndexedDatasetBuilder:
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise DataError(f"{self.prefix}: token id out of range [0, {self.vocab_size}) "
                             f"(min {arr.min()}, max {arr.max()}); pass the tokenizer's vocab size")
-        self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
+        try:
+            self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
+        except OSError as err:
+            raise self._write_error(err) from None
         self._sizes.append(int(arr.size))
+
+    def _write_error(self, err: OSError) -> DataError:
+        return DataError(f"{bin_path(self.prefix)}: cannot write the dataset ({err.strerror or err}); free space "
+                         f"there or write the dataset elsewhere (nothing was left behind)")
 
     def finalize(self) -> None:
         """Write the index and move both files into place (.bin first, then .idx)."""
@@ -117,16 +169,24 @@ class IndexedDatasetBuilder:
             os.replace(self._tmp_bin, bin_path(self.prefix))
             os.replace(self._tmp_idx, idx_path(self.prefix))
             self._done = True
+        except OSError as err:
+            self.abort()
+            raise self._write_error(err) from None
         except BaseException:
             self.abort()
             raise
 
     def abort(self) -> None:
-        """Remove the temporaries; the real output names are untouched."""
+        """Remove the temporaries; the real output names are untouched. Never fails half-way: on a full
+        disk close() cannot flush the buffer and raises, and the temporaries must still go."""
         self._done = True
-        self._bin.close()
-        self._tmp_bin.unlink(missing_ok=True)
-        self._tmp_idx.unlink(missing_ok=True)
+        try:
+            self._bin.close()
+        except OSError:
+            pass  # the file is closed anyway (the raw file closes even when the flush fails)
+        finally:
+            self._tmp_bin.unlink(missing_ok=True)
+            self._tmp_idx.unlink(missing_ok=True)
 
     def __enter__(self) -> IndexedDatasetBuilder:
         return self
@@ -190,6 +250,13 @@ class IndexedDataset:
         # np.memmap cannot map an empty file.
         self._tokens = (np.memmap(bin_, dtype=self.dtype, mode="r") if num_tokens
                         else np.empty(0, dtype=self.dtype))
+        if num_tokens:
+            lo, hi = token_id_range(prefix, self._tokens, self.vocab_size)
+            if lo < 0 or hi >= self.vocab_size:
+                bad = f"max id {hi}" if hi >= self.vocab_size else f"min id {lo}"
+                raise DataError(f"{bin_}: token ids out of range: {bad}, but the vocabulary has {self.vocab_size} "
+                                f"ids [0, {self.vocab_size}) ({idx.name}); the tokens were not made with this "
+                                f"tokenizer: {_FIX} and the tokenizer the run uses")
 
     def __len__(self) -> int:
         return int(self.sizes.size)

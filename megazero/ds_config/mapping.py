@@ -28,9 +28,7 @@ def _batch(ds: dict, m: Merge) -> None:
     for key, target in keys.items():
         v = ds.get(key)
         if given(v):
-            if v < 1:
-                raise ConfigError(f"{m.fname}: {key} must be >= 1, got {v}")
-            m.set(target, v, f"{key} {v}")
+            m.set(target, v, f"{key} {v}")  # ranges: the RunConfig field's (Merge.set)
     gbs, micro, accum = (ds.get(k) for k in keys)
     if given(gbs) and not given(micro):
         if given(accum):
@@ -87,17 +85,15 @@ def _zero(ds: dict, m: Merge) -> None:
         if v not in (0, 1, 2, 3):
             raise ConfigError(f"{f}: zero_optimization.stage must be 0, 1, 2 or 3, got {v}")
         m.set("zero.stage", v, f"zero_optimization.stage {v}")
-    for key in ("reduce_bucket_size", "allgather_bucket_size", "sub_group_size"):
-        v = z.get(key)
-        if given(v):
-            if v < 1:
-                raise ConfigError(f"{f}: zero_optimization.{key} must be >= 1 element, got {v}")
-            # allgather_bucket_size: accepted, no effect: parameters are gathered per gradient bucket
-            # (reduce_bucket_size). sub_group_size: the NVMe offload's read/step/write unit.
-            if key == "reduce_bucket_size":
-                m.set(f"zero.{key}", v, f"zero_optimization.{key} {fmt(v)}")
-            elif key == "sub_group_size":
-                m.set("zero.offload_sub_group_size", v, f"zero_optimization.sub_group_size {fmt(v)}")
+    # sub_group_size: the NVMe offload's read/step/write unit. allgather_bucket_size: accepted, no effect:
+    # parameters are gathered per gradient bucket (reduce_bucket_size).
+    for key, target in (("reduce_bucket_size", "zero.reduce_bucket_size"),
+                        ("sub_group_size", "zero.offload_sub_group_size")):
+        if given(z.get(key)):
+            m.set(target, z[key], f"zero_optimization.{key} {fmt(z[key])}")
+    v = z.get("allgather_bucket_size")
+    if given(v) and v < 1:
+        raise ConfigError(f"{f}: zero_optimization.allgather_bucket_size {fmt(v)} must be >= 1")
     if given(z.get("overlap_comm")):
         m.set("zero.overlap_comm", z["overlap_comm"], f"zero_optimization.overlap_comm {fmt(z['overlap_comm'])}")
     if z.get("cpu_offload") is True:  # DeepSpeed's deprecated spelling of offload_optimizer.device cpu
@@ -161,8 +157,6 @@ def _logging(ds: dict, m: Merge) -> None:
                         ("gradient_clipping", "optimizer.clip_grad")):
         v = ds.get(key)
         if given(v):
-            if not isinstance(v, bool) and v < (1 if key == "steps_per_print" else 0):
-                raise ConfigError(f"{f}: {key} must be >= {1 if key == 'steps_per_print' else 0}, got {fmt(v)}")
             m.set(target, float(v) if key == "gradient_clipping" else v, f"{key} {fmt(v)}")
 
 

@@ -4,7 +4,7 @@ Three layers, lowest first:
   1. `base` (RunConfig defaults);
   2. DeepSpeed's documented default for a key the file leaves out, only where that default changes
      the math (optimizer and scheduler parameters, batch-size derivation) -- a flag overrides it;
-  3. values the file states, and the flags the user gave. These must agree: a field set by both to
+  3. values the file states (each within the range its RunConfig field declares), and the flags the user gave. These must agree: a field set by both to
      different values is a one-line ConfigError naming both (and the flag as the user spelled it).
      `"auto"` in the file means "the flag if given, else megazero's default".
 `Merge` collects the file's (section, field) values as mapping.py produces them and builds the RunConfig.
@@ -12,10 +12,11 @@ Three layers, lowest first:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
-from megazero.config import RunConfig
+from megazero.config import RunConfig, field_requirement
 from megazero.ds_config.schema import fmt
 from megazero.errors import ConfigError
 
@@ -53,6 +54,10 @@ class Merge:
 
     def set(self, target: str, value: Any, source: str) -> None:
         section, field = target.split(".")
+        declared = {f.name: f for f in dataclasses.fields(getattr(self.base, section))}[field]
+        problem = field_requirement(declared, value)  # the field's declared range (config.num), finite
+        if problem:
+            raise ConfigError(f"{self.fname}: {source} {problem}")
         old = self.file.get((section, field))
         if old is not None and not _same(old[0], value):
             raise ConfigError(f"{self.fname}: {old[1]} and {source} both set {target} and disagree; make them equal")

@@ -49,12 +49,7 @@ def optimizer(ds: dict, m: Merge) -> None:
         if v == AUTO:
             continue
         values = [float(b) for b in v] if key == "betas" else [float(v)]
-        if key == "betas" and not all(0 <= b < 1 for b in values):
-            raise ConfigError(f"{m.fname}: optimizer.params.betas must be in [0, 1), got {fmt(v)}")
-        if key != "betas" and (values[0] < 0 or (key == "lr" and values[0] == 0)):
-            raise ConfigError(f"{m.fname}: optimizer.params.{key} must be {'> 0' if key == 'lr' else '>= 0'}, "
-                              f"got {fmt(v)}")
-        for target, value in zip(targets, values):
+        for target, value in zip(targets, values):  # ranges: the RunConfig field's (Merge.set)
             m.set(f"optimizer.{target}", value, f"optimizer.params.{key} {fmt(v)}")
 
 
@@ -92,8 +87,6 @@ def scheduler(ds: dict, m: Merge) -> None:
               + (" (DeepSpeed warms up over at least 2 steps)" if steps < 2 else ""))
     total = p.get("total_num_steps")
     if given(total):
-        if total < 1:
-            raise ConfigError(f"{f}: scheduler.params.total_num_steps must be >= 1, got {total}")
         m.set("optimizer.lr_decay_iters", total, f"scheduler.params.total_num_steps {total}")
     decay = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}[kind]
     m.set("optimizer.lr_decay_style", decay, f"scheduler.type {kind}")
@@ -113,15 +106,11 @@ def scheduler(ds: dict, m: Merge) -> None:
         return
     v = p.get("warmup_max_lr")
     if given(v):
-        if v <= 0:
-            raise ConfigError(f"{f}: scheduler.params.warmup_max_lr must be > 0, got {fmt(v)}")
         m.set("optimizer.lr", float(v), f"scheduler.params.warmup_max_lr {fmt(v)}")
     v = p.get("warmup_min_lr")
     # WarmupDecayLR decays back to warmup_min_lr; WarmupLR never decays (min_lr unused, kept <= lr).
     targets = ["optimizer.lr_warmup_init", "optimizer.min_lr"]
     if given(v):
-        if v < 0:
-            raise ConfigError(f"{f}: scheduler.params.warmup_min_lr must be >= 0, got {fmt(v)}")
         for target in targets if kind == "WarmupDecayLR" else targets[:1]:
             m.set(target, float(v), f"scheduler.params.warmup_min_lr {fmt(v)}")
         if kind == "WarmupLR":

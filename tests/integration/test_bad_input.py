@@ -202,3 +202,219 @@ def test_nvme_offload_without_room_fails_before_training(tiny_dataset, tmp_path)
     assert len(err.splitlines()) == 1 and err.startswith(f"error: --offload-nvme-path {nvme}: cannot create"), err
     assert "File too large" in err and "free space there or choose another path" in err
     assert list(nvme.iterdir()) == [] and not run_dir.exists()
+
+
+# ----- the error contract, class by class: exact one-line messages, nothing on disk changed ----------------
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for folders): "nothing on disk changed"."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def assert_one_line_error(argv, capsys, monkeypatch, tmp_path, expected: str, world_size: int = 1) -> None:
+    before = tree(tmp_path)
+    code, err = run_main(argv, capsys, monkeypatch, world_size)
+    assert code == 2, err
+    assert err == f"error: {expected}", err  # exactly this line, once, and no traceback
+    assert tree(tmp_path) == before
+
+
+# Class 1: numbers outside what their config field declares (config.num), non-finite floats.
+RANGE_CASES = {
+    "lr nan": (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    "lr inf": (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    "weight-decay nan": (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    "clip-grad nan": (["--clip-grad", "nan"], "--clip-grad must be a finite number >= 0, got nan"),
+    "clip-grad -inf": (["--clip-grad=-inf"], "--clip-grad must be a finite number >= 0, got -inf"),
+    "seed -1": (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    "seed 2**32": (["--seed", str(2**32)], "--seed must be in [0, 4294967295], got 4294967296"),
+    "micro 0": (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
+    "train-iters 0": (["--train-iters", "0"], "--train-iters must be >= 1, got 0"),
+    "tp alias 0": (["--tp", "0"], "--tp must be >= 1, got 0"),
+    "beta2 1": (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1"),
+    "adam-eps 0": (["--adam-eps", "0"], "--adam-eps must be > 0, got 0"),
+    "dropout -0.1": (["--hidden-dropout", "-0.1"], "--hidden-dropout must be in [0, 1), got -0.1"),
+    "warmup -5": (["--lr-warmup-iters", "-5"], "--lr-warmup-iters must be >= 0, got -5"),
+    "init std 0": (["--init-method-std", "0"], "--init-method-std must be > 0, got 0"),
+    "eps nan": (["--layernorm-epsilon", "nan"], "--layernorm-epsilon must be a finite number > 0, got nan"),
+    "exit mins nan": (["--exit-duration-in-mins", "nan"], "--exit-duration-in-mins must be a finite number > 0, got nan"),
+    "loss scale inf": (["--fp16", "--loss-scale", "inf"], "--loss-scale must be a finite number > 0, got inf"),
+    "keep-last 0": (["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
+    "min-lr > lr": (["--min-lr", "1e-3", "--lr", "1e-4"],
+                    "--min-lr 0.001 exceeds --lr 0.0001; the schedule decays from --lr down to --min-lr, so lower "
+                    "--min-lr or raise --lr"),
+    "min > initial loss scale": (["--fp16", "--min-loss-scale", "8", "--initial-loss-scale", "4"],
+                                 "--min-loss-scale 8 exceeds --initial-loss-scale 4; lower --min-loss-scale or raise "
+                                 "--initial-loss-scale"),
+}
+# Class 2: two settings of one thing that disagree (aliases, exclusive switches, repeats, static vs dynamic).
+CONTRADICTION_CASES = {
+    "bf16 fp16": (["--bf16", "--fp16"],
+                  "--bf16 and --fp16 contradict each other (both set the params dtype); give only one of them"),
+    "tp aliases": (["--tp", "2", "--tensor-model-parallel-size", "1"],
+                   "--tp 2 and --tensor-model-parallel-size 1 contradict each other (both set the tensor model "
+                   "parallel size); give only one of them"),
+    "pp aliases": (["--pipeline-model-parallel-size", "2", "--pp", "1"],
+                   "--pipeline-model-parallel-size 2 and --pp 1 contradict each other (both set the pipeline model "
+                   "parallel size); give only one of them"),
+    "vp aliases": (["--vp", "2", "--virtual-pipeline-model-parallel-size", "3"],
+                   "--vp 2 and --virtual-pipeline-model-parallel-size 3 contradict each other (both set the virtual "
+                   "pipeline model parallel size); give only one of them"),
+    "bucket aliases": (["--ddp-bucket-size", "100", "--reduce-bucket-size", "200"],
+                       "--ddp-bucket-size 100 and --reduce-bucket-size 200 contradict each other (both set the reduce "
+                       "bucket size); give only one of them"),
+    "ds-config aliases": (["--deepspeed-config", "a.json", "--deepspeed_config", "b.json"],
+                          "--deepspeed-config a.json and --deepspeed_config b.json contradict each other (both set "
+                          "the config); give only one of them"),
+    "repeated lr": (["--lr", "1e-3", "--lr", "2e-3"],
+                    "--lr is given twice with different values (--lr 0.001 and --lr 0.002); give it once"),
+    "loss scale with bf16": (["--bf16", "--loss-scale", "1024"],
+                             "--loss-scale 1024 applies only to --fp16 training, and this run is bf16 (no loss "
+                             "scaling); add --fp16 or drop --loss-scale"),
+    "loss scale without fp16": (["--hysteresis", "3"],
+                                "--hysteresis 3 applies only to --fp16 training, and this run is fp32 (no loss "
+                                "scaling); add --fp16 or drop --hysteresis"),
+    "static and dynamic scale": (["--fp16", "--loss-scale", "1024", "--initial-loss-scale", "4096"],
+                                 "--loss-scale 1024 (a static loss scale) and --initial-loss-scale 4096 (dynamic loss "
+                                 "scaling) contradict each other; give --loss-scale alone, or only the dynamic flags"),
+    "finetune without load": (["--finetune"], "--finetune changes what --load restores, and there is no --load; add "
+                                              "--load CHECKPOINT or drop --finetune"),
+}
+
+
+@pytest.mark.parametrize("case", [*RANGE_CASES, *CONTRADICTION_CASES])
+def test_flag_errors_are_one_exact_line(case, capsys, monkeypatch, tmp_path):
+    argv, expected = RANGE_CASES.get(case) or CONTRADICTION_CASES[case]
+    assert_one_line_error(argv, capsys, monkeypatch, tmp_path, expected)
+
+
+def test_same_value_twice_is_fine_and_parsed_once():
+    from megazero.cli import parse_args
+
+    cfg = parse_args(["--bf16", "--bf16", "--tp", "2", "--tensor-model-parallel-size", "2", "--lr", "1e-3",
+                      "--lr", "0.001"])
+    assert (cfg.precision.params_dtype, cfg.parallel.tensor_model_parallel_size, cfg.optimizer.lr) == ("bf16", 2, 1e-3)
+
+
+@pytest.mark.parametrize("obj,expected", [
+    ({"gradient_clipping": -1}, "ds.json: gradient_clipping -1 must be >= 0"),
+    ({"steps_per_print": 0}, "ds.json: steps_per_print 0 must be >= 1"),
+    ({"train_micro_batch_size_per_gpu": 0}, "ds.json: train_micro_batch_size_per_gpu 0 must be >= 1"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 0}}}, "ds.json: optimizer.params.lr 0 must be > 0"),
+    ({"optimizer": {"type": "Adam", "params": {"betas": [0.9, 1.0]}}},
+     "ds.json: optimizer.params.betas [0.9, 1.0] must be in [0, 1)"),
+    ({"fp16": {"enabled": True, "hysteresis": 0}}, "ds.json: fp16.hysteresis 0 must be >= 1"),
+    ({"zero_optimization": {"stage": 1, "sub_group_size": 0}}, "ds.json: zero_optimization.sub_group_size 0 must be >= 1"),
+    ('{"gradient_clipping": NaN}', 'ds.json: gradient_clipping must be a number (or "auto"), got nan'),
+])
+def test_ds_config_values_are_range_checked_like_flags(obj, expected, capsys, monkeypatch, tmp_path):
+    import json
+
+    (tmp_path / "ds.json").write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    assert_one_line_error(["--deepspeed-config", str(tmp_path / "ds.json")], capsys, monkeypatch, tmp_path, expected)
+
+
+# Class 3: a path that must be a folder (or a file) and is not.
+def test_paths_of_the_wrong_kind(capsys, monkeypatch, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["--output-dir", str(afile)], f"--output-dir {afile}: exists and is not a folder; choose a folder"),
+        (["--output-dir", str(afile / "run")], f"--output-dir {afile / 'run'}: {afile} is a file, so the folder "
+                                               f"cannot be created there; choose another path"),
+        (["--tensorboard-dir", str(afile)], f"--tensorboard-dir {afile}: exists and is not a folder; choose a folder"),
+        (["--data-cache-dir", str(afile)], f"--data-cache-dir {afile}: exists and is not a folder; choose a folder"),
+        (["--save", str(afile)], f"--save {afile}: exists and is not a folder; choose a folder"),
+        (["--save", str(afile / "ckpt")], f"--save {afile / 'ckpt'}: {afile} is a file, so the folder cannot be "
+                                          f"created there; choose another path"),
+        (["--timeline-out", str(tmp_path / "adir")], f"--timeline-out {tmp_path / 'adir'}: is a folder; name a file, "
+                                                     f"e.g. {tmp_path / 'adir' / 'timeline.json'}"),
+    ]
+    for argv, expected in cases:
+        assert_one_line_error(argv, capsys, monkeypatch, tmp_path, expected)
+
+
+# Class 4: data that does not fit the tokenizer.
+def test_token_ids_beyond_the_vocab_are_refused_when_the_dataset_opens(data_copy, capsys, monkeypatch, tmp_path):
+    import numpy as np
+
+    prefix, _ = data_copy
+    tokens = np.memmap(f"{prefix}.bin", dtype="<u2", mode="r+")
+    tokens[123] = 600  # the tokenizer (and the .idx header) have 512 ids
+    tokens.flush()
+    del tokens
+    assert_one_line_error(_tiny(data_copy), capsys, monkeypatch, tmp_path,
+                          f"{prefix}.bin: token ids out of range: max id 600, but the vocabulary has 512 ids [0, 512) "
+                          f"(d.idx); the tokens were not made with this tokenizer: rebuild it with "
+                          f"tools/preprocess_data.py and the tokenizer the run uses")
+
+
+def test_token_id_check_is_cached_beside_the_dataset(data_copy, monkeypatch):
+    """One pass over the .bin the first time (P.ids.json), none the next time; a changed .bin is rescanned."""
+    import json
+
+    import numpy as np
+
+    from megazero.data import indexed_dataset as ids
+
+    prefix, _ = data_copy
+    IndexedDataset = ids.IndexedDataset
+    IndexedDataset(prefix)
+    cached = json.loads(Path(f"{prefix}.ids.json").read_text())
+    tokens = np.fromfile(f"{prefix}.bin", dtype="<u2")
+    assert (cached["min_id"], cached["max_id"]) == (tokens.min(), tokens.max()) and tokens.max() < 512
+    monkeypatch.setattr(ids, "_scan_ids", lambda tokens: pytest.fail("scanned again despite the cache"))
+    IndexedDataset(prefix)
+    monkeypatch.undo()
+    tokens = np.memmap(f"{prefix}.bin", dtype="<u2", mode="r+")
+    tokens[5] = 700
+    tokens.flush()
+    del tokens
+    os.utime(f"{prefix}.bin", ns=(1, 1))  # a different mtime: the cache no longer matches
+    with pytest.raises(Exception, match="max id 700"):
+        IndexedDataset(prefix)
+
+
+# Class 8: an output that cannot be written leaves nothing behind.
+def test_preprocess_onto_a_full_disk_leaves_no_temporary(tiny_dataset, tmp_path):
+    """tools/preprocess_data.py with a 64 KiB file-size limit (the .bin needs several times that): the
+    write fails (EFBIG, as ENOSPC would) with data still buffered, so closing the temporary fails too;
+    one line, exit 2, and the output folder is left empty."""
+    import resource
+    import signal
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**10, 64 * 2**10))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
+
+    _, model = tiny_dataset
+    text = tmp_path / "in.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog. " * 12
+                                for i in range(1000)), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(text),
+                           "--output-prefix", str(out / "corpus"), "--tokenizer-model", str(model)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error") or "Traceback" in line]
+    assert lines == [f"error: {out / 'corpus.bin'}: cannot write the dataset (File too large); free space there or "
+                     f"write the dataset elsewhere (nothing was left behind)"], proc.stderr
+    assert list(out.iterdir()) == []
+
+
+# Class 10: under torchrun the one line is also the failure summary's root cause.
+def test_torchrun_summary_names_the_one_line_cause(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(REPO / "pretrain_gpt.py"), "--tp", "3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    line = ("error: world size 2 is not divisible by tensor-parallel size 3 x pipeline-parallel size 1 = 3; launch "
+            "a multiple of 3 processes or change --tp/--pp")
+    err = proc.stderr
+    assert proc.returncode != 0
+    assert err.splitlines().count(line) == 1, err  # printed once, by rank 0
+    root = err.split("Root Cause (first observed failure):", 1)[1]
+    assert f"traceback : {line}" in root, err  # torchrun's summary names it ...
+    assert "To enable traceback see" not in err  # ... instead of pointing at docs for a traceback
+    assert err.count("Traceback (most recent call last)") == 1  # torchrun's own (the launcher), none from a worker
+    assert not (tmp_path / "output").exists()

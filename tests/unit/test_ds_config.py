@@ -139,7 +139,7 @@ def test_any_two_batch_keys_imply_the_third(tmp_path):
     cfg = load(tmp_path, {"train_batch_size": 30, "gradient_accumulation_steps": 2})
     with pytest.raises(ConfigError, match="global batch size 30 is not divisible by gradient accumulation steps 2"):
         cfg.validate(world_size=2)
-    assert "train_batch_size must be >= 1" in error(tmp_path, {"train_batch_size": 0})
+    assert "train_batch_size 0 must be >= 1" in error(tmp_path, {"train_batch_size": 0})
 
 
 # ----- unknown keys and types ----------------------------------------------------------------------
