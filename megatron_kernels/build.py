@@ -14,6 +14,13 @@ process killed mid-build leaves a stale lock that makes every later load wait fo
 own ``fcntl.flock`` around the whole load: the kernel releases it when the holder dies, so a crash
 never wedges later runs, and the ranks that waited find the freshly built module and just load it.
 
+A JIT build takes tens of seconds, so it is announced on stderr, once, by the process that does it
+(inside the lock; the ranks that waited find it built and stay quiet): "building the CPU Adam kernel
+(once per cache, ~30-60 s) into DIR" and then "... built in N s". Loading a prebuilt or cached build prints
+nothing. "Cached" means ``<build dir>/megazero_build.key`` holds the hash of the sources and csrc/
+headers, flags and torch / Python versions of the last successful build: the inputs that make torch's
+``load`` recompile.
+
 ``MEGATRON_KERNELS_NO_JIT=1`` disables step 2 (use only a prebuilt extension or nothing);
 ``MEGATRON_KERNELS_VERBOSE=1`` shows the compiler output.
 """
@@ -21,20 +28,26 @@ never wedges later runs, and the ranks that waited find the freshly built module
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 
-# -ffp-contract=off: no fused multiply-add, so every ISA variant is bit-identical and follows
-# torch's operation order. The ISA itself is chosen at runtime inside the kernel (see
+# -ffp-contract=off: the compiler fuses nothing on its own; the only fused multiply-adds are the
+# kernel's explicit ones, where torch's AVX kernels fuse, so every FMA variant follows torch exactly. The ISA itself is chosen at runtime inside the kernel (see
 # csrc/cpu_adam.cpp), so the same flags serve the install-time and the JIT build.
 CPU_CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 CPU_LDFLAGS = ("-fopenmp",)
+
+# What the build announcement calls each extension, and roughly how long it takes on 2 cores.
+_DESCRIPTIONS = {"cpu_adam": ("the CPU Adam kernel", "~30-60 s"), "fused_cuda": ("the fused CUDA kernels", "a few minutes")}
+KEY_FILE = "megazero_build.key"
 
 _modules: dict[str, object] = {}
 _errors: dict[str, str] = {}
@@ -101,10 +114,35 @@ def load_extension(
         return mod
 
 
+def _build_key(sources, cuda, extra_cflags, extra_cuda_cflags, extra_ldflags) -> str:
+    """Hash of everything that makes torch's JIT load recompile: the sources and the headers beside
+    them (csrc/*.h, and *.cuh for CUDA builds: an include changes the build too), flags, torch and
+    Python versions."""
+    import torch
+
+    h = hashlib.sha256()
+    headers = (".h", ".cuh") if cuda else (".h",)
+    files = {Path(s).resolve() for s in sources} | {f.resolve() for f in CSRC.iterdir() if f.suffix in headers}
+    for f in sorted(files):
+        h.update(str(f).encode() + b"\0")
+        try:
+            h.update(f.read_bytes())
+        except OSError:
+            h.update(b"<missing>")
+    h.update(repr((bool(cuda), list(extra_cflags), list(extra_cuda_cflags), list(extra_ldflags),
+                   torch.__version__, sys.version)).encode())
+    return h.hexdigest()
+
+
+def _say(msg: str) -> None:
+    print(f"megatron_kernels: {msg}", file=sys.stderr, flush=True)
+
+
 def _jit(name, sources, cuda, extra_cflags, extra_cuda_cflags, extra_ldflags):
     if os.environ.get("MEGATRON_KERNELS_NO_JIT", "0") not in ("", "0"):
         _errors[name] = "not prebuilt and MEGATRON_KERNELS_NO_JIT is set"
         return None
+    announced = None  # (what, start time) once a build was announced
     try:
         import torch
         from torch.utils import cpp_extension
@@ -120,7 +158,18 @@ def _jit(name, sources, cuda, extra_cflags, extra_cuda_cflags, extra_ldflags):
         build_dir.mkdir(parents=True, exist_ok=True)
         verbose = os.environ.get("MEGATRON_KERNELS_VERBOSE", "0") not in ("", "0")
         with _file_lock(root / f"{name}.flock"):
-            return cpp_extension.load(
+            # Decided inside the lock: ranks that waited for another's build find the key written.
+            key = _build_key(sources, cuda, extra_cflags, extra_cuda_cflags, extra_ldflags)
+            key_file = build_dir / KEY_FILE
+            try:
+                cached = key_file.read_text().strip() == key
+            except OSError:
+                cached = False
+            if not cached:
+                what, how_long = _DESCRIPTIONS.get(name, (f"the {name} extension", "up to a minute"))
+                _say(f"building {what} (once per cache, {how_long}) into {build_dir}")
+                announced = (what, time.perf_counter())
+            mod = cpp_extension.load(
                 name=name,
                 sources=[str(s) for s in sources],
                 extra_cflags=list(extra_cflags),
@@ -131,11 +180,18 @@ def _jit(name, sources, cuda, extra_cflags, extra_cuda_cflags, extra_ldflags):
                 with_cuda=cuda,
                 verbose=verbose,
             )
+            if not cached:
+                key_file.write_text(key + "\n")
+                _say(f"{announced[0]} built in {time.perf_counter() - announced[1]:.1f} s")
+            return mod
     except Exception as exc:  # compiler missing, compile error, ...: the reference path covers it
         msg = f"{type(exc).__name__}: {exc}"
         _errors[name] = msg.strip().splitlines()[-1][:500] if msg.strip() else type(exc).__name__
         if os.environ.get("MEGATRON_KERNELS_VERBOSE", "0") not in ("", "0"):
-            print(f"megatron_kernels: building {name} failed: {msg}", file=sys.stderr)
+            _say(f"building {name} failed: {msg}")
+        elif announced is not None:
+            _say(f"building {announced[0]} failed after {time.perf_counter() - announced[1]:.1f} s "
+                 f"({_errors[name]}); using the PyTorch reference (MEGATRON_KERNELS_VERBOSE=1 shows why)")
         return None
 
 

@@ -1,8 +1,10 @@
 """One-pass CPU Adam/AdamW: the compiled kernel when it builds, else a pure-PyTorch reference.
 
 `cpu_adam_step` steps one flat fp32 shard (the ZeRO offload unit). Semantics, identical on both
-paths (the reference below *is* the numeric spec; the kernel follows its operation order, without
-fused multiply-add, and matches it to fp32 rounding):
+paths (the reference below *is* the numeric spec, torch.optim.AdamW's own op sequence; the kernel follows
+its operation order, fuses multiply-adds where torch's AVX2/AVX-512 kernels do, and takes the square
+root from torch when torch's is not IEEE, so it equals torch.optim.AdamW bit for bit; see
+docs/kernels.md):
 
     g = grad.float() * grad_scale                 # grad_scale = clip_coeff / loss_scale
     found_non_finite = any(!isfinite(g))
@@ -28,32 +30,126 @@ from __future__ import annotations
 
 import math
 import os
+import platform
+import re
+import threading
+from pathlib import Path
 
 import torch
 
 from .build import build_error, cpu_adam_extension
 
-__all__ = ["cpu_adam_step", "cpu_adam_step_reference", "has_non_finite", "kernel_available", "kernel_isa"]
+__all__ = ["cpu_adam_step", "cpu_adam_step_reference", "expected_isa", "has_non_finite", "kernel_available",
+           "kernel_description", "kernel_isa", "kernel_sqrt", "sqrt_mode", "torch_sqrt_is_ieee"]
 
 
 def _use_kernel() -> bool:
     return os.environ.get("MEGATRON_KERNELS_FORCE_REFERENCE", "0") in ("", "0")
 
 
+_sqrt_probe: bool | None = None
+_configured = threading.Lock()
+_configured_ext = None
+
+
+def torch_sqrt_is_ieee() -> bool:
+    """Whether torch.sqrt on float32 CPU tensors is the correctly rounded (IEEE) square root here.
+
+    It is not everywhere: torch's x86 wheels compute it with MKL VML (vmsSqrt, HA mode), which is IEEE
+    on the CPUs MKL dispatches to its Intel code paths but off by 1 ulp on ~16% of inputs elsewhere
+    (AMD EPYC). Probed once on 2^17 fixed inputs (a mantissa sweep of [1, 4) and random finite
+    positive bit patterns, denormals included); each result r is checked exactly in float64: r is the
+    rounded sqrt(x) iff x lies strictly between the squares of the midpoints to r's neighbours (those
+    midpoints have 25 significant bits, so their squares are exact in float64).
+    """
+    global _sqrt_probe
+    if _sqrt_probe is None:
+        gen = torch.Generator().manual_seed(0x5157)
+        sweep = 1.0 + 3.0 * torch.arange(1 << 16, dtype=torch.float64) / (1 << 16)
+        bits = torch.randint(1, 0x7F7FFFFF, (1 << 16,), generator=gen, dtype=torch.int32)
+        x = torch.cat([sweep.float(), bits.view(torch.float32)])
+        r = torch.sqrt(x)
+        xd, rd = x.double(), r.double()
+        lo = (rd + torch.nextafter(r, torch.zeros_like(r)).double()) / 2
+        hi = (rd + torch.nextafter(r, torch.full_like(r, math.inf)).double()) / 2
+        _sqrt_probe = bool(((lo * lo < xd) & (xd < hi * hi)).all())
+    return _sqrt_probe
+
+
+def sqrt_mode() -> str:
+    """The square root the kernel should use: MEGATRON_KERNELS_CPU_SQRT=torch|ieee forces one; by
+    default (auto) 'ieee' (the hardware sqrt, one pass) where torch.sqrt is IEEE, else 'torch' (torch's
+    own sqrt through ATen, bit-exact with torch.optim.AdamW whatever torch.sqrt computes)."""
+    forced = os.environ.get("MEGATRON_KERNELS_CPU_SQRT", "auto").strip().lower()
+    if forced in ("torch", "ieee"):
+        return forced
+    return "ieee" if torch_sqrt_is_ieee() else "torch"
+
+
+def _extension():
+    """The compiled extension with its sqrt mode set (once per process), or None."""
+    global _configured_ext
+    ext = cpu_adam_extension()
+    if ext is not None and _configured_ext is not ext:
+        with _configured:
+            if _configured_ext is not ext:
+                ext.set_sqrt_mode(sqrt_mode())
+                _configured_ext = ext
+    return ext
+
+
 def kernel_available() -> bool:
     """True if the compiled kernel is importable or JIT-builds (the first call may compile)."""
-    return cpu_adam_extension() is not None
+    return _extension() is not None
 
 
 def kernel_isa() -> str | None:
-    """'avx512' / 'avx2' / 'generic' for the compiled kernel, None if it is unavailable."""
-    ext = cpu_adam_extension()
+    """'avx512' / 'avx512-autovec' / 'avx2' / 'generic' for the compiled kernel, None if unavailable."""
+    ext = _extension()
     return ext.isa() if ext is not None else None
+
+
+def kernel_sqrt() -> str | None:
+    """'torch' or 'ieee': the square root the compiled kernel uses; None if it is unavailable."""
+    ext = _extension()
+    return ext.sqrt_mode() if ext is not None else None
+
+
+def kernel_description() -> str | None:
+    """e.g. 'avx512, sqrt torch': what run logs and test messages show; None if unavailable."""
+    ext = _extension()
+    return f"{ext.isa()}, sqrt {ext.sqrt_mode()}" if ext is not None else None
+
+
+def expected_isa() -> str | None:
+    """The variant the kernel picks on this machine, predicted without building it (test ids): the
+    same rule as pick_table() in csrc/cpu_adam.cpp, from /proc/cpuinfo. None where that is unreadable."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "generic"
+    try:
+        found = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        return None
+    if found is None:
+        return None
+    flags = set(found.group(1).split())
+    has512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    has2 = {"avx2", "fma", "f16c"} <= flags
+    force = os.environ.get("MEGATRON_KERNELS_CPU_ISA", "")
+    if force == "generic":
+        return "generic"
+    if force == "avx2" and has2:
+        return "avx2"
+    if force == "avx512-autovec" and has512:
+        return "avx512-autovec"
+    if force in ("", "avx512") and has512:
+        return "avx512"
+    return "avx2" if has2 else "generic"
 
 
 def has_non_finite(grad: torch.Tensor, grad_scale: float = 1.0, *, use_kernel: bool | None = None) -> bool:
     """Read-only: whether any element of grad * grad_scale is inf or NaN."""
-    ext = cpu_adam_extension() if (use_kernel if use_kernel is not None else _use_kernel()) else None
+    ext = _extension() if (use_kernel if use_kernel is not None else _use_kernel()) else None
     if ext is not None and grad.dtype in (torch.float32, torch.bfloat16) and grad.is_contiguous():
         return bool(ext.nonfinite(grad, float(grad_scale)))
     g = grad.float() * grad_scale if grad_scale != 1.0 or grad.dtype != torch.float32 else grad
@@ -97,7 +193,7 @@ def cpu_adam_step(
     """
     _check(param, grad, exp_avg, exp_avg_sq, low_precision_out, step)
     want_kernel = use_kernel if use_kernel is not None else _use_kernel()
-    ext = cpu_adam_extension() if want_kernel else None
+    ext = _extension() if want_kernel else None
     flat_ok = all(
         t.device.type == "cpu" and t.is_contiguous()
         for t in (param, grad, exp_avg, exp_avg_sq) + ((low_precision_out,) if low_precision_out is not None else ())

@@ -17,6 +17,15 @@
 // __builtin_cpu_supports, so one binary built at install time is correct and fast on any x86 CPU.
 // MEGATRON_KERNELS_CPU_ISA=avx512|avx512-autovec|avx2|generic forces a variant (benchmarks, tests);
 // "avx512" is the hand-written intrinsics body (cpu_adam_avx512.h), "avx512-autovec" gcc's loop.
+//
+// Square root: torch's CPU float sqrt is not always IEEE. With MKL (the x86 wheels) torch.sqrt is MKL
+// VML's vmsSqrt in HA mode, which on CPUs MKL does not dispatch to its Intel code paths (AMD EPYC:
+// "Intel(R) Architecture processors" in MKL_VERBOSE) is off by 1 ulp on ~16% of inputs. torch.optim.AdamW
+// takes exp_avg_sq.sqrt() from it, so a kernel using the hardware sqrt differs there in ~4% of the
+// parameters per step (and, in bf16 models, flips a bf16 rounding now and then). set_sqrt_mode("torch")
+// (the default until the Python side has probed torch.sqrt, see cpu_adam.py) therefore runs the step in
+// two passes per 8 K-element block around at::sqrt_out, torch's own sqrt; "ieee" keeps the one-pass loop
+// with the hardware sqrt, used where torch.sqrt is IEEE (the probe found no difference).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -28,7 +37,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
+#include <memory>
 #include <string>
 
 struct MzAdamScalars {
@@ -71,11 +82,15 @@ namespace {
 using AdamFn = float (*)(float*, const void*, float*, float*, uint16_t*, int64_t,
                          MzAdamScalars, bool);
 using CheckFn = float (*)(const void*, int64_t, float);
+using MomentsFn = float (*)(const float*, const void*, float*, float*, int64_t, MzAdamScalars, bool);
+using ApplyFn = void (*)(float*, const float*, const float*, uint16_t*, int64_t, MzAdamScalars);
 
 struct Table {
   const char* name;
   AdamFn adam[2][3];  // [grad bf16?][out none/bf16/fp16]
   CheckFn check[2];
+  MomentsFn moments[2];  // sqrt mode "torch": the step's first half, [grad bf16?]
+  ApplyFn apply[3];      // and its second half, [out none/bf16/fp16]
 };
 
 #define MZ_TABLE(NS, NAME)                                                              \
@@ -85,7 +100,9 @@ struct Table {
           NS::adam_f32_fp16},                                  \
          {NS::adam_bf16_none, NS::adam_bf16_bf16, \
           NS::adam_bf16_fp16}},                                \
-        {NS::nonfinite_f32, NS::nonfinite_bf16}                                          \
+        {NS::nonfinite_f32, NS::nonfinite_bf16},                                         \
+        {NS::moments_f32, NS::moments_bf16},                                             \
+        {NS::apply_none, NS::apply_bf16, NS::apply_fp16}                                 \
   }
 
 static Table pick_table() {
@@ -120,6 +137,11 @@ const Table& table() {
 }
 
 constexpr int64_t kGrain = 1 << 15;  // elements per task: 32 K x 30 B ~ 1 MB, well above fork cost
+constexpr int64_t kSqrtBlock = 1 << 13;  // sqrt mode torch: 8 K elements (32 KB per array) per at::sqrt_out
+
+// true: the square root is torch's own (at::sqrt_out), so the step equals torch.optim.AdamW bit for bit
+// whatever torch.sqrt is on this machine; false: the hardware (IEEE) sqrt in the one-pass loop.
+std::atomic<bool> g_torch_sqrt{true};
 
 void check_flat(const at::Tensor& t, const char* name, int64_t n) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -177,12 +199,38 @@ bool adam_step(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Tensor
   const char* g = static_cast<const char*>(grad.data_ptr());
   const int64_t gsize = grad.element_size();
   std::atomic<bool> bad{false};
+  if (!g_torch_sqrt.load(std::memory_order_relaxed)) {
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      float r = fn(p + b, g + b * gsize, m + b, v + b, o ? o + b : nullptr, e - b, s, lerp_low);
+      if (r != r) bad.store(true, std::memory_order_relaxed);
+    });
+    return bad.load();
+  }
+  // Two passes per block (the block stays in L1/L2): moments, torch's sqrt of exp_avg_sq, parameter.
+  MomentsFn moments = table().moments[gk];
+  ApplyFn apply = table().apply[out];
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    float r = fn(p + b, g + b * gsize, m + b, v + b, o ? o + b : nullptr, e - b, s, lerp_low);
+    std::unique_ptr<float[]> sq(new float[kSqrtBlock]);
+    float r = 0.f;
+    for (int64_t i = b; i < e; i += kSqrtBlock) {
+      const int64_t k = std::min(kSqrtBlock, e - i);
+      r += moments(p + i, g + i * gsize, m + i, v + i, k, s, lerp_low);
+      at::Tensor sq_t = at::from_blob(sq.get(), {k}, opts);
+      at::sqrt_out(sq_t, at::from_blob(v + i, {k}, opts));  // nested in parallel_for: runs inline
+      apply(p + i, m + i, sq.get(), o ? o + i : nullptr, k, s);
+    }
     if (r != r) bad.store(true, std::memory_order_relaxed);
   });
   return bad.load();
 }
+
+void set_sqrt_mode(const std::string& mode) {
+  TORCH_CHECK(mode == "torch" || mode == "ieee", "sqrt mode must be 'torch' or 'ieee', got '", mode, "'");
+  g_torch_sqrt.store(mode == "torch");
+}
+
+std::string sqrt_mode() { return g_torch_sqrt.load() ? "torch" : "ieee"; }
 
 bool nonfinite(at::Tensor grad, double grad_scale) {
   TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous(), "grad must be a contiguous CPU tensor");
@@ -212,4 +260,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("nonfinite", &nonfinite, "read-only check: any non-finite grad*grad_scale",
           py::arg("grad"), py::arg("grad_scale") = 1.0, py::call_guard<py::gil_scoped_release>());
   mod.def("isa", &isa, "the ISA variant chosen at runtime: avx512, avx2 or generic");
+  mod.def("set_sqrt_mode", &set_sqrt_mode,
+          "'torch': exp_avg_sq's sqrt through at::sqrt_out (bit-exact with torch.optim.AdamW on any CPU); "
+          "'ieee': the hardware sqrt in one pass (equal where torch.sqrt is IEEE)", py::arg("mode"));
+  mod.def("sqrt_mode", &sqrt_mode, "the square root in use: 'torch' or 'ieee'");
 }

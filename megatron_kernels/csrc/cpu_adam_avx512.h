@@ -50,13 +50,14 @@ float adam_chunk_avx512(float* __restrict__ p, const GradT* __restrict__ gr, flo
                c2 = _mm512_set1_ps(s.one_minus_b2), bc2 = _mm512_set1_ps(s.bc2_sqrt),
                eps = _mm512_set1_ps(s.eps), ns = _mm512_set1_ps(s.neg_step);
   __m512 acc = zero;
+  const bool use_l2 = s.l2 != 0.f;  // as adam_chunk: no L2 term at wd 0 (fma(0, inf) is NaN)
   for (int64_t i = head; i < head + body; i += 16) {
     __m512 g = _mm512_mul_ps(load16_grad<GradT>(gr + i), scale);
     acc = _mm512_add_ps(acc, _mm512_mul_ps(g, zero));
     __m512 pi = _mm512_load_ps(p + i);
     __m512 mi = _mm512_load_ps(m + i);
     __m512 vi = _mm512_load_ps(v + i);
-    g = _mm512_fmadd_ps(l2, pi, g);
+    if (use_l2) g = _mm512_fmadd_ps(l2, pi, g);
     pi = _mm512_mul_ps(pi, decay);
     __m512 d = _mm512_sub_ps(g, mi);
     mi = _mm512_fmadd_ps(w, d, lerp_low ? mi : g);

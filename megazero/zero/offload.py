@@ -409,10 +409,11 @@ class OffloadedAdam:
     def describe(self) -> str:
         """One line for the run log: where the state lives and which CPU Adam path steps it."""
         from megatron_kernels.build import build_error
-        from megatron_kernels.cpu_adam import kernel_isa
+        from megatron_kernels.cpu_adam import _use_kernel, kernel_description
 
-        isa = kernel_isa()
-        adam = f"CPU Adam kernel ({isa})" if isa else f"CPU Adam reference ({build_error('cpu_adam') or 'forced'})"
+        kernel = kernel_description() if _use_kernel() else None  # e.g. "avx512, sqrt torch"
+        adam = (f"CPU Adam kernel ({kernel})" if kernel else
+                f"CPU Adam reference ({'MEGATRON_KERNELS_FORCE_REFERENCE=1' if not _use_kernel() else build_error('cpu_adam')})")
         mib = 2**20
         where = "host memory"
         if isinstance(self.store, NvmeStateStore):
