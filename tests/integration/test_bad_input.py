@@ -152,7 +152,7 @@ def test_bad_idx_is_rejected_and_left_alone(data_copy, corruption, needle, capsy
 def test_tokenizer_vocab_mismatch(data_copy, corpus_dir, tmp_path, capsys, monkeypatch):
     prefix, _ = data_copy
     text = tmp_path / "small.txt"
-    text.write_text((corpus_dir / "austen.txt").read_text()[:50_000])
+    text.write_text((corpus_dir / "prose.txt").read_text(encoding="utf-8")[:50_000], encoding="utf-8")
     other = train_tokenizer([text], tmp_path / "other.model", vocab_size=400)
     assert Tokenizer(other).vocab_size == 400
     code, err = run_main(["--data-path", str(prefix), "--tokenizer-model", str(other)], capsys, monkeypatch)

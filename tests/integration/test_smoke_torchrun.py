@@ -1,4 +1,4 @@
-"""End-to-end: pretrain_gpt.py under torchrun, 4 ranks, tp=2 x dp=2, on real text. The loss falls and
+"""End-to-end: pretrain_gpt.py under torchrun, 4 ranks, tp=2 x dp=2, on the tests' generated text. The loss falls and
 every monitoring file exists (TensorBoard events, CSV, summary.json, PNG, resolved config)."""
 
 import csv
