@@ -7,8 +7,9 @@ with a clear message at validation, never silently ignored.
 
 Every flag is checked as the user spelled it, while parsing (`_Checked` actions): a number outside
 the range its config field declares (config.num) or a non-finite float is refused, and so is a
-second setting of the same field that disagrees with the first: an alias (`--tp 2
---tensor-model-parallel-size 1`), mutually exclusive switches (`--bf16 --fp16`) or a repeated flag.
+second setting of the same field, under another name, that disagrees with the first: an alias (`--tp 2
+--tensor-model-parallel-size 1`) or mutually exclusive switches (`--bf16 --fp16`). The same flag
+given again overrides, as in argparse (`$COMMON_ARGS --lr 1e-4`).
 Usage errors are one `error: ...` line (rank 0), like every other bad input.
 """
 
@@ -51,11 +52,10 @@ class _Checked:
         given = namespace.__dict__.setdefault(_GIVEN, {})
         if self.dest in given:
             first_option, first_action, first = given[self.dest]
-            if first != value:
+            # The same flag again overrides (argparse's rule, and the `$COMMON_ARGS --lr 1e-4` idiom); a
+            # different spelling of the same setting (an alias, the other of two switches) contradicts.
+            if first != value and first_option != option_string:
                 a, b = _shown(first_option, first_action, first), _shown(option_string, self, value)
-                if first_option == option_string:
-                    raise ConfigError(f"{option_string} is given twice with different values ({a} and {b}); "
-                                      f"give it once")
                 what = self.dest.split(".")[-1].replace("_", " ")
                 raise ConfigError(f"{a} and {b} contradict each other (both set the {what}); give only one of them")
         given[self.dest] = (option_string, self, value)

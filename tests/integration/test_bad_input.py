@@ -265,8 +265,6 @@ CONTRADICTION_CASES = {
     "ds-config aliases": (["--deepspeed-config", "a.json", "--deepspeed_config", "b.json"],
                           "--deepspeed-config a.json and --deepspeed_config b.json contradict each other (both set "
                           "the config); give only one of them"),
-    "repeated lr": (["--lr", "1e-3", "--lr", "2e-3"],
-                    "--lr is given twice with different values (--lr 0.001 and --lr 0.002); give it once"),
     "loss scale with bf16": (["--bf16", "--loss-scale", "1024"],
                              "--loss-scale 1024 applies only to --fp16 training, and this run is bf16 (no loss "
                              "scaling); add --fp16 or drop --loss-scale"),
@@ -287,12 +285,12 @@ def test_flag_errors_are_one_exact_line(case, capsys, monkeypatch, tmp_path):
     assert_one_line_error(argv, capsys, monkeypatch, tmp_path, expected)
 
 
-def test_same_value_twice_is_fine_and_parsed_once():
+def test_agreeing_aliases_are_fine_and_a_repeated_flag_overrides():
     from megazero.cli import parse_args
 
     cfg = parse_args(["--bf16", "--bf16", "--tp", "2", "--tensor-model-parallel-size", "2", "--lr", "1e-3",
-                      "--lr", "0.001"])
-    assert (cfg.precision.params_dtype, cfg.parallel.tensor_model_parallel_size, cfg.optimizer.lr) == ("bf16", 2, 1e-3)
+                      "--lr", "2e-3"])  # `$COMMON_ARGS --lr 2e-3`: the last --lr wins, as in argparse
+    assert (cfg.precision.params_dtype, cfg.parallel.tensor_model_parallel_size, cfg.optimizer.lr) == ("bf16", 2, 2e-3)
 
 
 @pytest.mark.parametrize("obj,expected", [
