@@ -161,6 +161,10 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                    help="stop after this many non-finite-gradient steps in a row (default 50)")
     g.add_argument("--distributed-backend", dest="parallel.distributed_backend", choices=["nccl", "gloo"],
                    help="default: nccl when CUDA is available, else gloo")
+    g.add_argument("--distributed-timeout-minutes", dest="parallel.distributed_timeout_minutes", type=float,
+                   help="a collective or pipeline transfer waiting longer than this ends the job with one message "
+                        "naming it and the ranks that did not arrive, exit code 3 (default 10; fractions allowed, "
+                        "e.g. 0.25)")
 
     g.add_argument("--offload-optimizer", dest="zero.offload_optimizer", choices=["none", "cpu", "nvme"],
                    help="keep fp32 master weights and Adam state in host memory (cpu) or in "

@@ -132,6 +132,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = num(1, ge=1)
     pipeline_model_parallel_size: int = num(1, ge=1)
     distributed_backend: str | None = None  # None: nccl with CUDA, else gloo
+    # A collective or p2p transfer waiting longer than this ends the job naming what timed out and which
+    # ranks did not arrive (comm.py, watchdog.py, docs/failures.md); Megatron's flag, fractions allowed.
+    distributed_timeout_minutes: float = num(10.0, gt=0.0)
     # Interleaved pipeline: give either the chunk count per stage (vp) or Megatron's layers per chunk.
     virtual_pipeline_model_parallel_size: int | None = num(None, ge=1)
     num_layers_per_virtual_pipeline_stage: int | None = num(None, ge=1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megazero import comm, watchdog
 from megazero.errors import ConfigError, write_elastic_error_file
 
 
@@ -56,27 +57,58 @@ def device_for(backend: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+STARTUP_TIMEOUT_MINUTES = 5.0  # least time group creation waits for every rank (start-up skew is no hang)
+
+
 def init_process_group(env: LaunchEnv, backend: str, timeout_minutes: float = 10.0) -> None:
-    """Create the default (world) group. A world of one uses an in-memory store: no ports, no env."""
+    """Create the default (world) group. A world of one uses an in-memory store: no ports, no env.
+
+    `timeout_minutes` (--distributed-timeout-minutes) is every group's collective timeout; creating
+    the groups waits at least STARTUP_TIMEOUT_MINUTES for all ranks. With more than one process a
+    heartbeat thread records this rank's progress in the rendezvous store (watchdog.py), so a timeout
+    can name the ranks that did not arrive (docs/failures.md)."""
     if dist.is_initialized():
         return
     timeout = datetime.timedelta(minutes=timeout_minutes)
+    startup = max(timeout, datetime.timedelta(minutes=STARTUP_TIMEOUT_MINUTES))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    namespace = f"megazero/attempt_{attempt}"
+    comm.set_timeout(timeout, startup)
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        # nothing to wait for in a world of one: no watchdog
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun keeps one TCPStore (its agent's) for every restart of the job, and torch adds no
         # per-attempt prefix: the groups of a restarted attempt would read the killed attempt's keys
         # (peer addresses) and fail to connect or hang. One namespace per attempt.
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
-                              is_master=False, timeout=timeout)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"megazero/attempt_{attempt}", store),
-                                rank=env.rank, world_size=env.world_size, timeout=timeout)
-    else:
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+                              is_master=False, timeout=startup)
+        dist.init_process_group(backend, store=dist.PrefixStore(namespace, store),
+                                rank=env.rank, world_size=env.world_size, timeout=startup)
+    else:  # MASTER_ADDR/PORT without torchrun's agent: rank 0 hosts the store
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=startup)
+    comm.apply_timeout(dist.group.WORLD)
+    timeout_s = timeout.total_seconds()
+    # The heartbeat's own store client, with a short timeout: an unreachable store must not wedge the
+    # heartbeat thread or the failure report.
+    store_timeout = datetime.timedelta(seconds=min(30.0, max(2.0, timeout_s / 2)))
+
+    def watchdog_store():
+        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                               is_master=False, timeout=store_timeout, wait_for_workers=False)
+        return dist.PrefixStore(f"{namespace}/watchdog", client)
+
+    watchdog.start(watchdog_store, env.rank, env.world_size, timeout_s, comm.describe_op)
 
 
 def teardown() -> None:
+    """End of the run: stop the heartbeat and destroy the groups; nothing after a collective failed (a
+    group whose peer is stopped cannot be destroyed without waiting for it, and the failure report
+    reads the heartbeats: the entry point then leaves with os._exit, watchdog.exit_on_collective_error)."""
+    if comm.failure() is not None:
+        return  # the heartbeat stays for the failure report
+    watchdog.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 

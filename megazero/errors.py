@@ -35,3 +35,26 @@ def write_elastic_error_file(message: str) -> None:
             json.dump({"message": message, "timestamp": int(time.time())}, f)
     except OSError:
         pass  # the agent then reports the exit code alone
+
+
+class CollectiveError(RuntimeError):
+    """A collective or pipeline transfer failed because another rank did not take part: its connection
+    closed (a rank exited or was killed). Raised by megazero/comm.py (the only caller of
+    torch.distributed collectives) with what was running in `info` (operation, group, ranks, iteration,
+    pipeline action); pretrain_gpt.py turns it into one message for the whole job
+    (megazero/watchdog.py) and exit code `exit_code` on every failing rank (docs/failures.md)."""
+
+    exit_code = 4
+    kind = "communication failure"
+
+    def __init__(self, message: str, info: dict):
+        super().__init__(message)
+        self.info = info
+
+
+class CollectiveTimeout(CollectiveError):
+    """A collective or transfer did not complete within --distributed-timeout-minutes: a rank is
+    stopped, hung, or too far behind (docs/failures.md)."""
+
+    exit_code = 3
+    kind = "collective timeout"

@@ -25,6 +25,7 @@ from megazero.pipeline_parallel.p2p import PendingSend, PipelineP2P
 from megazero.pipeline_parallel.partition import virtual_stage
 from megazero.pipeline_parallel.schedules import (FORWARD, RECV_ACT, SEND_ACT, SEND_GRAD,
                                                   Action)
+from megazero.watchdog import context as run_context  # what a timeout report says this rank was doing
 
 Microbatch = dict[str, torch.Tensor]
 # loss_fn(chunk, inputs, batch) -> mean loss of the microbatch (last virtual stage only)
@@ -85,6 +86,7 @@ class PipelineExecutor:
                 while i + 1 < len(plan) and plan[i + 1].is_comm:
                     i += 1
                     batch.append(plan[i])
+                run_context.action = batch
                 to_send = {a: (outputs[(a.microbatch, a.chunk)] if a.kind == SEND_ACT
                                else grads_out.pop((a.microbatch, a.chunk)))
                            for a in batch if a.kind in (SEND_ACT, SEND_GRAD)}
@@ -104,6 +106,7 @@ class PipelineExecutor:
                         grads_in[key] = buf
             else:
                 reap_sends()
+                run_context.action = action
                 start = self._now()
                 if action.kind == FORWARD:
                     loss = self._forward(action, microbatches, inputs, outputs, loss_fn, forward_only,
@@ -117,12 +120,14 @@ class PipelineExecutor:
                     self.events.append({"kind": action.kind, "microbatch": action.microbatch,
                                         "chunk": action.chunk, "start": start, "end": self._now()})
             i += 1
+        run_context.action = "completing the last pipeline sends"
         for p in other_sends:
             p.work.wait()
         reap_sends()
         for k in list(sends):
             reap_sends(k)
         assert not grads_in and not grads_out and (forward_only or not outputs), "plan left work undone"
+        run_context.action = None
         return losses
 
     def _now(self) -> float:

@@ -34,6 +34,7 @@ from megazero.random import RNGStreams
 from megazero.topology import Topology, rank_to_coords
 from megazero.training.data_setup import ResolvedData, build_datasets
 from megazero.training.model_builder import DTYPES, build_model_chunks
+from megazero.watchdog import context as run_context  # what a collective-timeout report names
 from megazero.zero.engine import ZeroEngine
 
 
@@ -148,6 +149,7 @@ class Trainer:
     def _batch_mean_loss(self, losses: list[torch.Tensor]) -> float:
         """Mean loss of the global batch on every rank: the last stage holds the microbatch losses
         (summed over the pipeline group so all stages get it), then averaged over DP."""
+        run_context.set_phase("loss average")
         mean = torch.stack(losses).mean().float() if losses else torch.zeros((), device=self.device)
         comm.all_reduce_(mean, self.topo.pp_group, op="sum")
         comm.all_reduce_(mean, self.topo.dp_group, op="avg")
@@ -156,13 +158,16 @@ class Trainer:
     # ----- one step --------------------------------------------------------------------------------
     def train_step(self, batches: Iterator[Microbatch]) -> StepRecord:
         self.chunks.train()
+        run_context.step(self.iteration + 1, "forward/backward")
         scale = self.scaler.scale
         clock = self._phase_clock()
         self.zero.start_step(self.num_microbatches)
         losses = self.executor.run(self.train_plan, self._next_microbatches(batches), lm_loss, grad_scale=scale)
         clock("forward-backward")
+        run_context.set_phase("gradient reduction")
         self.zero.finish_grad_sync()
         clock("grad-sync")
+        run_context.set_phase("optimizer step")
         lr = self.lr_schedule.lr_at(self.optimizer_steps + 1)
         result = self.zero.step(lr, self.cfg.optimizer.clip_grad, scale)
         clock("optimizer")
@@ -191,6 +196,7 @@ class Trainer:
         if self.datasets[split] is None or self.cfg.training.eval_iters == 0:
             return None
         self.chunks.eval()
+        run_context.set_phase(f"evaluation ({split})")
         batches = self._batches(split, 0)
         losses: list[torch.Tensor] = []
         for _ in range(self.cfg.training.eval_iters):
@@ -257,6 +263,7 @@ class Trainer:
         from megazero.checkpoint.state import load_checkpoint
 
         c = self.cfg.checkpoint
+        run_context.set_phase("checkpoint load")
         load_checkpoint(self, folder, load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
                         finetune=c.finetune, log=self.log)
 
@@ -264,6 +271,7 @@ class Trainer:
         from megazero.checkpoint.state import save_checkpoint
 
         c = self.cfg.checkpoint
+        run_context.set_phase("checkpoint save")
         done = save_checkpoint(self, c.save, c.keep_last)
         self.last_saved = self.iteration
         self.log_writer(f"saved checkpoint {done['path']} (iteration {self.iteration}) in {done['seconds']:.2f} s"
@@ -281,6 +289,7 @@ class Trainer:
                               float(bool(c.exit_duration_in_mins)
                                     and time.perf_counter() - started >= 60 * c.exit_duration_in_mins)],
                              device=self.device)
+        run_context.set_phase("stop check (SIGTERM / --exit-duration-in-mins)")
         comm.all_reduce_(flags, self.topo.world_group, op="max")
         sigterm, timeout = flags.tolist()
         return "SIGTERM" if sigterm else f"--exit-duration-in-mins {c.exit_duration_in_mins}" if timeout else None
