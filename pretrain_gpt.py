@@ -22,6 +22,7 @@ from megazero.config import RunConfig  # noqa: E402
 from megazero.distributed import (LaunchEnv, RankPrinter, device_for, fail, init_process_group,  # noqa: E402
                                   resolve_backend, teardown)
 from megazero.errors import ConfigError  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 
 def make_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
@@ -39,15 +40,57 @@ def make_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
     return run_dir, created
 
 
-def checkpoint_to_resume(cfg: RunConfig) -> Path | None:
+def checkpoint_to_resume(cfg: RunConfig, log) -> Path | None:
     """The committed checkpoint folder --load names; None when there is nothing to resume (no --load,
-    or a missing / empty folder: `--save X --load X` starts from scratch the first time)."""
-    from megazero.checkpoint.format import has_checkpoint, resolve_checkpoint
+    or a missing folder, or one holding only leftovers such as an interrupted first save: `--save X
+    --load X` starts from scratch the first time). Anything else that is not a checkpoint (a file, a
+    folder of other things, a corrupted `latest`) is a one-line error (format.find_checkpoint)."""
+    from megazero.checkpoint.format import find_checkpoint
 
-    load = cfg.checkpoint.load
-    if load is None or not has_checkpoint(load):
+    if cfg.checkpoint.load is None:
         return None
-    return resolve_checkpoint(load)
+    folder, note = find_checkpoint(cfg.checkpoint.load)
+    if note:
+        log(note)
+    return folder
+
+
+def nothing_to_do(cfg: RunConfig, folder: Path, log) -> bool:
+    """A resume whose checkpoint already reached --train-iters: say so (no run folder, no save)."""
+    from megazero.checkpoint.format import read_index
+
+    iteration, total = read_index(folder, resume=True)["iteration"], cfg.training.train_iters
+    if cfg.checkpoint.finetune or iteration < total:
+        return False
+    log(f"checkpoint {folder} is at iteration {iteration} "
+        f"{'=' if iteration == total else f'> {total} ='} --train-iters: nothing to do")
+    return True
+
+
+def lock_save_folder(cfg: RunConfig, rank: int, world_group, log):
+    """Rank 0 takes the --save folder's lock (one run per folder; checkpoint/lock.py) and removes the
+    interrupted saves it holds; every rank gets the same one-line error if the folder is taken."""
+    from megazero import comm
+    from megazero.checkpoint.format import remove_interrupted_saves
+    from megazero.checkpoint.lock import SaveLock
+
+    lock, error = None, None
+    if cfg.checkpoint.save and rank == 0:
+        try:
+            lock = SaveLock(cfg.checkpoint.save)
+            note = lock.acquire()
+            if note:
+                log(note)
+            removed = remove_interrupted_saves(Path(cfg.checkpoint.save))
+            if removed:
+                log(f"removed the interrupted save{'s' if len(removed) > 1 else ''} "
+                    f"{', '.join(str(p) for p in removed)} (never committed)")
+        except ConfigError as err:
+            lock, error = None, str(err)
+    error = comm.all_gather_object(error, world_group)[0]
+    if error:
+        fail(error, rank)
+    return lock
 
 
 def keep_checkpoint_batch(cfg: RunConfig, folder: Path, world_size: int, log) -> RunConfig:
@@ -92,7 +135,9 @@ def run(argv: list[str] | None = None) -> dict:
     log = RankPrinter(env.rank)
     try:
         cfg = parse_args(argv, rank=env.rank)
-        resume_from = checkpoint_to_resume(cfg)
+        resume_from = checkpoint_to_resume(cfg, log)
+        if resume_from is not None and nothing_to_do(cfg, resume_from, log):
+            return {}
         if resume_from is not None:
             cfg = keep_checkpoint_batch(cfg, resume_from, env.world_size, log)
             cfg = keep_run_dir(cfg, resume_from)
@@ -119,9 +164,11 @@ def run(argv: list[str] | None = None) -> dict:
     from megazero.training.trainer import Trainer
 
     init_process_group(env, backend)
+    lock = None
     try:
         topo = Topology.build(GridShape(env.world_size, cfg.parallel.tensor_model_parallel_size,
                                         cfg.parallel.pipeline_model_parallel_size), env.rank)
+        lock = lock_save_folder(cfg, env.rank, topo.world_group, log)  # before anything is written
         device = device_for(backend, env.local_rank)
         log(f"megazero: {env.world_size} process(es), backend {backend}, device {device.type}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) per process")
@@ -150,14 +197,20 @@ def run(argv: list[str] | None = None) -> dict:
                     trainer.load(resume_from)
                 except ConfigError as err:
                     abort(err)
-            trainer.train()
+            try:
+                trainer.train()
+            except ConfigError as err:  # a checkpoint that could not be saved: the run folder keeps its logs
+                fail(str(err), env.rank)
         finally:
             trainer.close()
         return getattr(trainer, "summary", {})
     finally:
+        if lock is not None:
+            lock.release(remove_created_if_empty=True)
         teardown()
 
 
+@record  # under torchrun, an unexpected exception's traceback becomes the failure summary's root cause
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (`megazero-pretrain-gpt`): exit code 0 on success."""
     run(argv)

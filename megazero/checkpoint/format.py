@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from megazero.fileio import atomic_open
 
 FORMAT_NAME, FORMAT_VERSION = "megazero-checkpoint", 1
 INDEX, LATEST = "index.json", "latest"
+LOCK = ".megazero-save.lock"  # held by rank 0 of the run saving into the folder (checkpoint/lock.py)
 KINDS = ("model", "master", "exp_avg", "exp_avg_sq")
 
 
@@ -145,42 +147,128 @@ def commit(save: Path, iteration: int, index: dict, keep_last: int | None) -> Pa
     return final
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from --load: SAVE (via `latest`) or one `iter_N` folder itself."""
+_NAME = re.compile(r"iter_\d{7}")
+
+
+def read_latest(save: Path) -> str:
+    """The checkpoint name `SAVE/latest` holds ("iter_0000100"); a one-line CheckpointError for anything
+    else (binary garbage, a path, several lines)."""
+    latest = save / LATEST
+    try:
+        raw = latest.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{latest}: unreadable ({err.strerror or err})") from None
+    text = raw.decode("ascii", errors="replace").strip()
+    if not _NAME.fullmatch(text):
+        shown = repr(raw[:40]) + ("..." if len(raw) > 40 else "")
+        raise CheckpointError(f"{latest}: corrupted: it must hold one checkpoint name like iter_0000100, but holds "
+                              f"{shown}; write the name of a complete iter_* folder into it, or name that folder "
+                              f"itself instead")
+    return text
+
+
+def committed_checkpoints(save: Path) -> list[Path]:
+    """`iter_N` folders of SAVE whose index.json exists (renamed into place by a commit), oldest first."""
+    return sorted(p for p in save.glob("iter_???????") if _NAME.fullmatch(p.name) and (p / INDEX).is_file())
+
+
+def interrupted_saves(save: Path) -> list[Path]:
+    """`iter_N.partial` folders: saves that never reached their commit (never loaded, safe to remove)."""
+    return sorted(p for p in save.glob("iter_???????.partial") if p.is_dir())
+
+
+def _leftover(p: Path) -> bool:
+    """What a save folder may hold besides checkpoints: the run lock, interrupted saves, a checkpoint
+    swapped out by a re-save of its iteration (`.old`), temp files of an atomic write."""
+    return (p.name == LOCK or (p.name.startswith("." + LATEST + ".") and p.name.endswith(".tmp"))
+            or (p.is_dir() and p.name.startswith("iter_") and p.suffix in (".partial", ".old")))
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path | None, str | None]:
+    """--load resolution: (the committed checkpoint folder to resume from, or None to start from
+    scratch; a note to log, or None). Rules (docs/checkpoints.md):
+
+    - a missing folder, or one holding nothing but leftovers (the run lock, interrupted `.partial`
+      saves), has no checkpoint: start from scratch;
+    - an `iter_N` folder (it has index.json) is that checkpoint;
+    - otherwise `latest` names the checkpoint, which must be complete;
+    - no `latest` but complete `iter_N` folders (a first save interrupted between its rename and
+      writing `latest`, or folders copied without it): the newest of them;
+    - anything else (a file, a folder of other things, a corrupted `latest`) is a one-line error."""
     path = Path(path)
-    if (path / INDEX).is_file():
-        return path
+    if not path.exists():
+        return None, f"no checkpoint in {path}: starting from scratch"
     if not path.is_dir():
-        raise CheckpointError(f"--load {path}: no such folder")
-    latest = path / LATEST
-    if not latest.is_file():
-        if any(path.glob("iter_*")):
-            raise CheckpointError(f"--load {path}: has iter_* folders but no '{LATEST}' file (an interrupted first "
-                                  f"save?); pass one complete folder, e.g. --load {sorted(path.glob('iter_*'))[-1]}")
-        raise CheckpointError(f"--load {path}: not a checkpoint folder (no '{LATEST}' and no {INDEX})")
-    name = latest.read_text().strip()
-    folder = path / name
-    if not (folder / INDEX).is_file():
+        raise CheckpointError(f"--load {path}: is a file, not a checkpoint folder; pass the --save folder of a run "
+                              f"(or one of its iter_* folders), or a missing or empty folder to start from scratch")
+    if (path / INDEX).is_file():
+        return path, None
+    if (path / LATEST).exists():
+        name = read_latest(path)
+        folder = path / name
+        if (folder / INDEX).is_file():
+            return folder, None
+        swapped = path / (name + ".old")  # a re-save of the same iteration died between its two renames
+        if (swapped / INDEX).is_file():
+            return swapped, f"{path}: '{LATEST}' names {name}, found as {swapped.name} (a re-save of that iteration " \
+                            f"was interrupted): resuming from it"
         raise CheckpointError(f"--load {path}: '{LATEST}' names {name}, which is missing or incomplete ({folder / INDEX} "
                               f"not found)")
+    committed = committed_checkpoints(path)
+    if committed:
+        return committed[-1], (f"{path} has no '{LATEST}' file (a first save interrupted before writing it, or "
+                               f"folders copied without it): resuming from the newest complete checkpoint "
+                               f"{committed[-1].name}")
+    others = [p.name for p in path.iterdir() if not _leftover(p)]
+    if others:
+        raise CheckpointError(f"--load {path}: not a checkpoint folder (no '{LATEST}' and no {INDEX}; it holds "
+                              f"{', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''}); pass the --save "
+                              f"folder of a run, or a missing or empty folder to start from scratch")
+    partials = interrupted_saves(path)
+    if partials:
+        return None, (f"no checkpoint in {path}, only the interrupted save {', '.join(p.name for p in partials)} "
+                      f"(never committed): starting from scratch")
+    return None, f"no checkpoint in {path}: starting from scratch"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The committed checkpoint folder --load PATH names (find_checkpoint); an error when there is none."""
+    folder, _ = find_checkpoint(path)
+    if folder is None:
+        path = Path(path)
+        raise CheckpointError(f"--load {path}: " + ("no such folder" if not path.exists() else
+                                                      f"not a checkpoint folder (empty, or only interrupted saves: "
+                                                      f"no '{LATEST}' and no {INDEX})"))
     return folder
 
 
-def has_checkpoint(path: str | Path) -> bool:
-    """True if --load PATH names something to resume from; False for a missing or empty folder (a run
-    that has not saved yet: `--save X --load X` starts from scratch)."""
-    path = Path(path)
-    return path.is_dir() and any(path.iterdir())
+def remove_interrupted_saves(save: Path) -> list[Path]:
+    """Rank 0, holding the save lock: delete `iter_N.partial` folders (saves that never committed)."""
+    removed = interrupted_saves(save)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
-def read_index(folder: Path) -> dict:
+RESUME_KEYS = (("iteration", int), ("layout", dict), ("config", dict), ("state", dict))
+
+
+def read_index(folder: Path, resume: bool = False) -> dict:
+    """A checkpoint's index.json, checked: format, version, the tables every reader uses, and with
+    `resume` what a training run resumes from (iteration, layout, config, trainer state)."""
     try:
         index = json.loads((folder / INDEX).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder / INDEX}: unreadable checkpoint index ({err})") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{folder / INDEX}: not a {FORMAT_NAME} index (a JSON {type(index).__name__})")
     if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder / INDEX}: not a {FORMAT_NAME} v{FORMAT_VERSION} index "
                               f"(format {index.get('format')!r}, version {index.get('version')!r})")
+    bad = [key for key, kind in (*(RESUME_KEYS if resume else ()), ("tensors", dict), ("files", dict))
+           if not isinstance(index.get(key), kind)]
+    if bad:
+        raise CheckpointError(f"{folder / INDEX}: malformed checkpoint index (missing or bad {', '.join(bad)})")
     return index
 
 

@@ -4,7 +4,9 @@ Save: every rank writes the pieces it owns (its tensor-parallel region x its ZeR
 parameter: model values, fp32 masters, Adam moments), skipping copies another rank writes (TP-
 replicated parameters: tp rank 0; stage 0: dp rank 0; the tied embedding copy on the last stage);
 dp-rank-0 ranks add their (pp, tp) RNG streams. Rank 0 gathers the piece lists, writes the index and
-commits. No tensor travels between ranks.
+commits. No tensor travels between ranks. Each phase ends with the ranks agreeing on errors: a write
+that fails anywhere (full disk: checked up front against the checkpoint's size, and caught when it
+happens) is one CheckpointSaveError on every rank, the partial folder removed, `latest` unchanged.
 
 Load: every rank reads, for each fragment it owns in *its* layout, the tensor-parallel region of the
 global tensor and keeps its flat range; stages 1-2 then all-gather the parameter buffer as after a
@@ -13,11 +15,14 @@ step. Trainer counters, loss scaler and (same tp/pp/vp only) RNG streams are res
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import megazero
 from megazero import comm
@@ -61,11 +66,6 @@ def _param_names(trainer) -> dict[int, str]:
     return {id(p): name for chunk in trainer.chunks for name, p in chunk.named_parameters()}
 
 
-def _barrier(trainer) -> None:
-    flag = torch.zeros(1, device=trainer.device)
-    comm.all_reduce_(flag, trainer.topo.world_group)
-
-
 def layout_dict(cfg, dp: int) -> dict:
     """The index's "layout": what a run of `cfg` on dp data-parallel ranks saves from (offline writers too)."""
     p, z = cfg.parallel, cfg.zero
@@ -76,21 +76,56 @@ def layout_dict(cfg, dp: int) -> dict:
 
 
 # ----- save ----------------------------------------------------------------------------------------------
+class CheckpointSaveError(CheckpointError):
+    """A save that could not be written (full disk, no permission): the same line on every rank; the
+    interrupted `iter_N.partial` is removed and the previous checkpoint stays `latest`."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _reason(err: BaseException) -> str:
+    """An OSError's or a safetensors write error's cause in words ("No space left on device")."""
+    if isinstance(err, OSError) and err.errno:
+        return os.strerror(err.errno)
+    code = re.search(r"os error (\d+)|code: (\d+)", str(err))
+    return os.strerror(int(code.group(1) or code.group(2))) if code else " ".join(str(err).split())
+
+
+def _free(save: Path) -> int | None:
+    try:
+        return shutil.disk_usage(save).free
+    except OSError:
+        return None
+
+
+def _raise_first(trainer, errors: list[str | None], save: Path, iteration: int) -> None:
+    """Every rank's errors of one phase of a save (gathered): if any, rank 0 removes the partial folder
+    and every rank raises the first one."""
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        if trainer.topo.rank == 0:
+            shutil.rmtree(partial_dir(save, iteration), ignore_errors=True)
+        raise CheckpointSaveError(first)
+
+
+def _agree(trainer, error: str | None, save: Path, iteration: int) -> None:
+    """Collective (also the barrier between the phases of a save): _raise_first over all ranks' errors."""
+    _raise_first(trainer, comm.all_gather_object(error, trainer.topo.world_group), save, iteration)
+
+
 @torch.no_grad()
 def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> dict:
-    """Collective over all ranks. Returns {"path", "seconds", "bytes" (the whole checkpoint's files)}."""
+    """Collective over all ranks. Returns {"path", "seconds", "bytes" (the whole checkpoint's files)}.
+    A write that fails on any rank (a full disk, ...) is a CheckpointSaveError on every rank, naming the
+    folder and the space the checkpoint needs; nothing of it is left and `latest` is unchanged."""
     t0 = time.perf_counter()
     save = Path(save)
     topo, zero = trainer.topo, trainer.zero
     opt = zero.optimizer
     zero.wait()
-    if topo.rank == 0:
-        prepare_partial(save, trainer.iteration)
-        tokenizer = getattr(trainer, "tokenizer_model", None)
-        if tokenizer is not None and Path(tokenizer).is_file():  # so exports need no data cache
-            shutil.copyfile(tokenizer, partial_dir(save, trainer.iteration) / "tokenizer.model")
-    _barrier(trainer)
-    folder = partial_dir(save, trainer.iteration)
+    iteration = trainer.iteration
     names = _param_names(trainer)
     tensors: dict[str, torch.Tensor] = {}
     entries: list[tuple[str, list[int], str, dict]] = []  # (kind/name, logical shape, dtype, piece json)
@@ -117,20 +152,54 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
             tensors[f"{prefix}/{stream}"] = t
         tensors[f"{prefix}/ambient"] = state["ambient"]
         rng = {"file": fname, "prefix": prefix, "streams": sorted(state["streams"])}
-    file_meta = write_rank_file(folder, topo.rank, tensors) if tensors else None
-    everyone = comm.all_gather_object((file_meta, entries, rng, (topo.pp_rank, topo.tp_rank)), topo.world_group)
-    total = sum(meta["bytes"] for meta, *_ in everyone if meta is not None)
-    path = save / iteration_dirname(trainer.iteration)
+    # What the checkpoint will take: the tensors, a safetensors header per file, the index, the tokenizer.
+    tokenizer = getattr(trainer, "tokenizer_model", None)
+    tokenizer = Path(tokenizer) if tokenizer is not None and Path(tokenizer).is_file() else None
+    mine = sum(t.numel() * t.element_size() for t in tensors.values()) + 160 * len(tensors)
+    need = sum(comm.all_gather_object(mine, topo.world_group)) + 400 * len(entries) * topo.world_size + 2**16 \
+        + (tokenizer.stat().st_size if tokenizer is not None else 0)
+    where = f"checkpoint {iteration_dirname(iteration)} into {save}"
+
+    def failed(reason: str) -> str:
+        free = _free(save)
+        room = f"{_mib(free)} free there" if free is not None else "free space unknown"
+        return (f"cannot save {where}: {reason}; it needs about {_mib(need)} ({room}); free space or choose another "
+                f"--save folder (the previous checkpoint, if any, is intact)")
+
+    error = None
+    if topo.rank == 0:
+        try:
+            prepare_partial(save, iteration)
+            free = _free(save)
+            if free is not None and free < need:
+                error = failed("not enough free space")
+            elif tokenizer is not None:  # so exports need no data cache
+                shutil.copyfile(tokenizer, partial_dir(save, iteration) / "tokenizer.model")
+        except OSError as err:
+            error = failed(_reason(err))
+    _agree(trainer, error, save, iteration)
+    folder = partial_dir(save, iteration)
+    file_meta, error = None, None
+    if tensors:
+        try:
+            file_meta = write_rank_file(folder, topo.rank, tensors)
+        except (OSError, SafetensorError) as err:
+            error = failed(f"{_reason(err)} writing {folder / fname}")
+    everyone = comm.all_gather_object((error, file_meta, entries, rng, (topo.pp_rank, topo.tp_rank)),
+                                      topo.world_group)
+    _raise_first(trainer, [e for e, *_ in everyone], save, iteration)
+    total = sum(meta["bytes"] for _, meta, *_ in everyone if meta is not None)
+    path, error = save / iteration_dirname(iteration), None
     if topo.rank == 0:
         index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "megazero_version": megazero.__version__,
-                 "iteration": trainer.iteration, "layout": layout_dict(trainer.cfg, trainer.topo.dp),
+                 "iteration": iteration, "layout": layout_dict(trainer.cfg, trainer.topo.dp),
                  "config": trainer.cfg.to_dict(),
                  "state": trainer_state(trainer), "tensors": {}, "files": {}, "rng": {}}
-        tokenizer_copy = partial_dir(save, trainer.iteration) / "tokenizer.model"
+        tokenizer_copy = folder / "tokenizer.model"
         if tokenizer_copy.is_file():
             index["files"][tokenizer_copy.name] = {"sha256": sha256_of(tokenizer_copy),
                                                    "bytes": tokenizer_copy.stat().st_size}
-        for meta, rank_entries, rank_rng, (pp_rank, tp_rank) in everyone:
+        for _, meta, rank_entries, rank_rng, (pp_rank, tp_rank) in everyone:
             if meta is not None:
                 index["files"][meta["name"]] = {"sha256": meta["sha256"], "bytes": meta["bytes"]}
             for name, shape, dtype, piece in rank_entries:
@@ -138,8 +207,11 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
                 entry["pieces"].append(piece)
             if rank_rng is not None:
                 index["rng"][f"pp{pp_rank}.tp{tp_rank}"] = rank_rng
-        path = commit(save, trainer.iteration, index, keep_last)
-    _barrier(trainer)
+        try:
+            path = commit(save, iteration, index, keep_last)
+        except OSError as err:
+            error = failed(f"{_reason(err)} committing it")
+    _agree(trainer, error, save, iteration)
     return {"path": path, "seconds": time.perf_counter() - t0, "bytes": total}
 
 

@@ -1,5 +1,6 @@
 """pretrain_gpt.py with a pause injected inside one checkpoint save, so that a test can SIGKILL the
-process at a known point of the commit protocol (format.commit) instead of racing a millisecond window.
+process at a known point of the commit protocol (format.commit) instead of racing a millisecond window,
+or with the disk filling up at the start of one save.
 
     python checkpoint_helpers.py POINT ITERATION MARKER [pretrain_gpt.py flags...]
 
@@ -7,9 +8,16 @@ POINT  rank-files  this rank's file of iter_N.partial/ is written and fsynced; n
                    renamed (a crash while ranks are still writing)
        renamed     iter_N.partial/ is complete and renamed to iter_N/, `latest` still names the previous
                    checkpoint (a crash between the two renames of the commit)
+       full-disk   when the save of ITERATION starts, files may no longer grow beyond 16 KiB
+                   (RLIMIT_FSIZE, SIGXFSZ ignored): every write of the save fails with EFBIG, as on a full
+                   disk; MARKER is written first
+       no-room     when the save of ITERATION starts, the save folder's file system reports 1 MiB free
+                   (shutil.disk_usage), less than the checkpoint needs
 
 When the save of iteration ITERATION reaches POINT, the process writes MARKER and sleeps; the test
-then kills it with SIGKILL. Nothing else changes: the save code runs unmodified up to that point.
+then kills it with SIGKILL. Only the first process to get there pauses: if MARKER already exists (a
+torchrun restart of the killed job, or another rank), the save goes on. Nothing else changes: the
+save code runs unmodified up to that point.
 """
 
 from __future__ import annotations
@@ -24,7 +32,11 @@ if str(REPO) not in sys.path:
 
 
 def _pause(marker: str) -> None:
-    Path(marker).write_text("paused inside a checkpoint save\n")
+    try:
+        with open(marker, "x") as f:  # the first to get here pauses; a restarted attempt goes on
+            f.write("paused inside a checkpoint save\n")
+    except FileExistsError:
+        return
     time.sleep(3600)  # until the test's SIGKILL
 
 
@@ -43,6 +55,27 @@ def install_pause(point: str, iteration: int, marker: str) -> None:
             return meta
 
         state.write_rank_file = paused_write_rank_file
+    elif point in ("full-disk", "no-room"):
+        save_checkpoint = state.save_checkpoint
+
+        def failing_disk_save(trainer, save, keep_last=None):
+            if trainer.iteration == iteration:
+                Path(marker).write_text(f"{point} from the save of iteration {iteration}\n")
+                if point == "full-disk":
+                    import resource
+                    import signal
+
+                    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG, do not kill
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**10, 16 * 2**10))
+                else:
+                    import collections
+                    import shutil
+
+                    usage = collections.namedtuple("usage", "total used free")
+                    shutil.disk_usage = lambda path: usage(2**30, 2**30 - 2**20, 2**20)
+            return save_checkpoint(trainer, save, keep_last)
+
+        state.save_checkpoint = failing_disk_save
     elif point == "renamed":
         fsync_dir = fmt._fsync_dir
 
