@@ -33,6 +33,7 @@ from megazero.data.preprocess import write_dataset
 from megazero.data.text_input import SPLIT_MODES, check_input_file, is_json_lines, iter_documents
 from megazero.data.tokenizer import Tokenizer, train_tokenizer
 from megazero.cli import OneLineParser, run_tool
+from megazero.config import SEED_MAX
 from megazero.errors import ConfigError
 
 
@@ -68,6 +69,10 @@ def _documents(paths: Sequence[Path], args: argparse.Namespace, bar: tqdm) -> It
 def run(args: argparse.Namespace) -> None:
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if not 0 <= args.seed <= SEED_MAX:  # numpy's seed range, as for pretrain_gpt.py --seed
+        raise ConfigError(f"--seed must be in [0, {SEED_MAX}], got {args.seed}")
+    if args.tokenizer_max_chars < 1:
+        raise ConfigError(f"--tokenizer-max-chars must be >= 1, got {args.tokenizer_max_chars}")
     paths = [check_input_file(p) for p in args.input]
     for path in paths:  # fail fast on a wrong --json-key, before any long work
         if is_json_lines(path):

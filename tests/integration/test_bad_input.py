@@ -416,3 +416,17 @@ def test_torchrun_summary_names_the_one_line_cause(tmp_path):
     assert "To enable traceback see" not in err  # ... instead of pointing at docs for a traceback
     assert err.count("Traceback (most recent call last)") == 1  # torchrun's own (the launcher), none from a worker
     assert not (tmp_path / "output").exists()
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--vocab-size", "400", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--vocab-size", "400", "--tokenizer-max-chars", "0"], "--tokenizer-max-chars must be >= 1, got 0"),
+])
+def test_preprocess_numbers_out_of_range(flags, expected, tmp_path):
+    text = tmp_path / "in.txt"
+    text.write_text("a few words\n\nand a second document\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(text),
+                           "--output-prefix", str(tmp_path / "out" / "corpus"), *flags],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (2, f"error: {expected}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
