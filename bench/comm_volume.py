@@ -77,7 +77,7 @@ def worker(rank, world, port, out, args, prefix, tokenizer, cases):
         stage3 = trainer.zero.stage3
         blocks = {b for order in stage3.block_buckets for b in order} if stage3 else set()
         results[(stage, accum)] = {
-            "traffic": traffic, "psi": psi_of(trainer), "coords": trainer.topo.coords,
+            "traffic": traffic, "psi": psi_of(trainer), "pp_tp": (trainer.topo.pp_rank, trainer.topo.tp_rank),
             "padded": layout.numel,
             "block_numel": sum(b.numel for b in layout.buckets if b.index in blocks),
             "rest_numel": sum(b.numel for b in layout.buckets if b.index not in blocks)}
@@ -116,7 +116,7 @@ def mib(x: float) -> str:
 def report(dp: int, per_rank: list[dict], cases, args) -> list[str]:
     misses = []
     nbytes = 2  # bf16 elements
-    positions = sorted({r[cases[0]]["coords"][0::2] for r in per_rank})
+    positions = sorted({r[cases[0]]["pp_tp"] for r in per_rank})
     others = {}
     print(f"\n dp N={dp} (bytes sent per rank per step over the dp group, MiB unless B; ring volumes; the stage 1-3 "
           f"all-reduces are the fp32 scalars)")
@@ -124,7 +124,7 @@ def report(dp: int, per_rank: list[dict], cases, args) -> list[str]:
           f"{'paper':>15}{'paper MiB':>11}{'meas/paper':>11}{'<=2%':>6}{'exact MiB':>11}{'meas-exact B':>14}")
     for stage, accum in cases:
         for pos in positions:
-            ranks = [r[(stage, accum)] for r in per_rank if r[(stage, accum)]["coords"][0::2] == pos]
+            ranks = [r[(stage, accum)] for r in per_rank if r[(stage, accum)]["pp_tp"] == pos]
             res = ranks[0]
             dp_bytes = {k: v for (k, g), v in res["traffic"].items() if g == "dp"}
             for r in ranks[1:]:

@@ -192,7 +192,7 @@ def worker(rank, world, port, out, args, prefix, tokenizer, cases):
         results[(stage, grad_reduce)] = {
             "mem": engine.memory_bytes(), "psi": psi_of(trainer), "padded": engine.layout.numel,
             "buckets": len(engine.layout.buckets), "in_flight": in_flight_bytes(engine),
-            "live": live_tensor_bytes() - before, "coords": trainer.topo.coords}
+            "live": live_tensor_bytes() - before, "pp_tp": (trainer.topo.pp_rank, trainer.topo.tp_rank)}
         del trainer, engine
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -204,7 +204,7 @@ def mib(x: float) -> str:
 
 def report(dp: int, per_rank: list[dict], cases, args) -> list[str]:
     misses = []
-    positions = sorted({r[cases[0]]["coords"][0::2] for r in per_rank})  # (pp_rank, tp_rank)
+    positions = sorted({r[cases[0]]["pp_tp"] for r in per_rank})  # (pp_rank, tp_rank)
     for grad_reduce in ("model", "fp32"):
         title = ("bf16 params + bf16 gradients (--bf16 --grad-reduce-dtype model): the paper's mixed precision"
                  if grad_reduce == "model" else "bf16 params + fp32 gradients (--bf16, megazero's default)")
@@ -216,7 +216,7 @@ def report(dp: int, per_rank: list[dict], cases, args) -> list[str]:
             key = (stage, grad_reduce)
             for pos in positions:
                 # dp ranks differ only where a shard holds padding (no optimizer state for it): the max
-                ranks = [r[key] for r in per_rank if r[key]["coords"][0::2] == pos]
+                ranks = [r[key] for r in per_rank if r[key]["pp_tp"] == pos]
                 res = max(ranks, key=lambda r: sum(r["mem"].values()))
                 m, psi = res["mem"], res["psi"]
                 measured = m["params"] + m["grads"] + m["optimizer"]

@@ -164,12 +164,12 @@ def reshard(args: argparse.Namespace) -> None:
     tensors = {n: (list(t["shape"]), t["dtype"]) for n, t in reader.tensors.items()}
     rng, rng_index = {}, {}
     if (saved["tp"], saved["pp"], saved["vp"]) == (target["tp"], target["pp"], target["vp"]):
-        from megazero.topology import GridShape, coords_to_rank
+        from megazero.topology import Coords, GridShape, coords_to_rank
 
-        grid = GridShape(target["world"], target["tp"], target["pp"])
+        grid = GridShape(target["world"], tp=target["tp"], pp=target["pp"])
         for coords, entry in index.get("rng", {}).items():
             pp_rank, tp_rank = (int(x[2:]) for x in coords.split("."))
-            rank = coords_to_rank(pp_rank, 0, tp_rank, grid)  # dp rank 0 saves the streams
+            rank = coords_to_rank(Coords(tp=tp_rank, dp=0, pp=pp_rank), grid)  # dp rank 0 saves the streams
             names = [*entry["streams"], "ambient"]
             rng[rank] = {f"{entry['prefix']}/{s}": reader.get(entry["file"], f"{entry['prefix']}/{s}") for s in names}
             rng_index[coords] = {**entry, "file": rank_filename(rank)}
@@ -355,7 +355,7 @@ def from_hf(args: argparse.Namespace) -> None:
     from megazero.model.hf_gpt2 import from_hf_gpt2_state_dict
     from megazero.optim.loss_scaler import build_loss_scaler
     from megazero.random import RNGStreams
-    from megazero.topology import GridShape, coords_to_rank
+    from megazero.topology import Coords, GridShape, coords_to_rank
 
     src, out = Path(args.from_hf), Path(args.save)
     check_new_output(out, "--save")
@@ -386,13 +386,13 @@ def from_hf(args: argparse.Namespace) -> None:
     scaler = build_loss_scaler(pr.params_dtype, pr.loss_scale, pr.initial_loss_scale, pr.loss_scale_window,
                                pr.hysteresis, pr.min_loss_scale)
     layout = layout_dict(cfg, args.target_dp)
-    grid = GridShape(layout["world"], layout["tp"], layout["pp"])
+    grid = GridShape(layout["world"], tp=layout["tp"], pp=layout["pp"])
     rng, rng_index = {}, {}
     with torch.random.fork_rng(devices=[]):  # the streams a fresh run of this config starts with
         for pp_rank in range(layout["pp"]):
             for tp_rank in range(layout["tp"]):
                 streams = RNGStreams(cfg.training.seed, tp_rank, pp_rank, torch.device("cpu")).state_dict()
-                rank, prefix = coords_to_rank(pp_rank, 0, tp_rank, grid), f"rng/pp{pp_rank}.tp{tp_rank}"
+                rank, prefix = coords_to_rank(Coords(tp=tp_rank, dp=0, pp=pp_rank), grid), f"rng/pp{pp_rank}.tp{tp_rank}"
                 rng[rank] = {f"{prefix}/{s}": t for s, t in streams["streams"].items()}
                 rng[rank][f"{prefix}/ambient"] = streams["ambient"]
                 rng_index[f"pp{pp_rank}.tp{tp_rank}"] = {"file": rank_filename(rank), "prefix": prefix,

@@ -46,7 +46,7 @@ def validate_layout(cfg: RunConfig, dp: int) -> None:
     for name, value in (("tp", tp), ("pp", pp), ("dp", dp), ("vp", cfg.virtual_pipeline_size())):
         if value < 1:
             raise ConfigError(f"--target-{name} must be >= 1, got {value}")
-    GridShape(tp * pp * dp, tp, pp)
+    GridShape(tp * pp * dp, tp=tp, pp=pp)
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"hidden size {m.hidden_size} is not divisible by {m.num_attention_heads} heads")
     if m.num_attention_heads % tp:
@@ -67,14 +67,14 @@ def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
     is swapped for a meta tensor of its target tp slice's shape, so the trainer's own ZeRO code
     (engine.build_layout) lays the buckets out."""
     from megazero.pipeline_parallel.partition import chunk_layer_ranges, virtual_stage
-    from megazero.topology import GridShape, coords_to_rank
+    from megazero.topology import Coords, GridShape, coords_to_rank
     from megazero.training.model_builder import mark_tied_embedding
     from megazero.zero.engine import build_layout
 
     p = cfg.parallel
     tp, pp, vp, stage = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.virtual_pipeline_size(), \
         cfg.zero.stage
-    grid = GridShape(tp * pp * dp, tp, pp)
+    grid = GridShape(tp * pp * dp, tp=tp, pp=pp)
     counts, last = cfg.layers_per_virtual_stage(), pp * vp - 1
     padded = cfg.model.padded_vocab_size(tp)
     plan: dict[int, list[PlannedPiece]] = {}
@@ -105,7 +105,7 @@ def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
                 mark_tied_embedding(chunks, pp)
                 layout = build_layout(chunks, cfg.zero, dp)
                 for dp_rank in range(dp):
-                    rank = coords_to_rank(pp_rank, dp_rank, tp_rank, grid)
+                    rank = coords_to_rank(Coords(tp=tp_rank, dp=dp_rank, pp=pp_rank), grid)
                     for f in layout.fragments_of_rank(dp_rank, whole=stage == 0):
                         if not writes_fragment(f.param, tp_rank, dp_rank, stage):
                             continue  # written by another rank

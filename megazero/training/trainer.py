@@ -233,10 +233,10 @@ class Trainer:
         everyone = comm.all_gather_object(mine, self.topo.world_group)
         scalars = {f"{k.split('/')[0]}/rank{r}/{k.split('/', 1)[1]}": v
                    for r, d in enumerate(everyone) for k, v in d.items()}
-        lines = [f" rank {r} (pp {pp}, dp {dp}, tp {tp}): " + " | ".join(
+        lines = [f" rank {r} (pp {c.pp}, dp {c.dp}, tp {c.tp}): " + " | ".join(
                      f"{k.split('/', 1)[1].removesuffix('-bytes')}: {v / 2**20:.2f} MiB" for k, v in d.items())
                  for r, d in enumerate(everyone)
-                 for pp, dp, tp in [rank_to_coords(r, self.topo.shape)]]
+                 for c in [rank_to_coords(r, self.topo.shape)]]
         self.monitor.log_scalars(iteration, scalars, [f" per-rank accounting at iteration {iteration}:"] + lines)
 
     def _save_timeline(self, path: Path, events: list[dict]) -> None:
