@@ -21,7 +21,7 @@ import sys
 from collections import defaultdict
 
 from megazero.config import RunConfig, field_requirement, show_value
-from megazero.errors import ConfigError, write_elastic_error_file
+from megazero.errors import ConfigError, exit_with_error
 
 _GIVEN = "_megazero_given"  # namespace attribute: dest -> (option string as typed, value)
 
@@ -90,10 +90,7 @@ class _OneRankParser(argparse.ArgumentParser):
             self.register("action", name, cls)
 
     def error(self, message: str):
-        if self._rank == 0:
-            print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
-        write_elastic_error_file(f"error: {message} (see --help)")
-        sys.exit(2)
+        exit_with_error(f"error: {message} (see --help)", self._rank)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megazero import comm, watchdog
-from megazero.errors import ConfigError, write_elastic_error_file
+from megazero.errors import ConfigError, exit_with_error
 
 
 @dataclass(frozen=True)
@@ -127,8 +126,6 @@ class RankPrinter:
 def fail(message: str, rank: int, exit_code: int = 2) -> "NoReturn":  # noqa: F821
     """One-line user error: printed by rank 0 only, every rank exits with `exit_code`. Under torchrun
     every rank also writes it to its TORCHELASTIC_ERROR_FILE, so torchrun's failure summary names this
-    line as the root cause instead of "To enable traceback see: ..." (docs/failures.md)."""
-    if rank == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    write_elastic_error_file(f"error: {message}")
-    sys.exit(exit_code)
+    line as the root cause instead of "To enable traceback see: ..." (errors.exit_with_error;
+    docs/failures.md)."""
+    exit_with_error(f"error: {message}", rank, exit_code)

@@ -22,6 +22,26 @@ class DataError(ConfigError):
     """A problem with a data file, tokenizer or dataset the user pointed at."""
 
 
+# Under torchrun the first worker to exit gets the others terminated: ranks that found the same bad
+# input a moment before rank 0 (all ranks check the same flags) would have rank 0 killed before it
+# prints the line. So the other ranks give rank 0 this long before they exit.
+OTHER_RANKS_EXIT_AFTER_S = 5.0
+
+
+def exit_with_error(line: str, rank: int, exit_code: int = 2) -> "NoReturn":  # noqa: F821
+    """The bad-input exit: rank 0 prints `line` on stderr, every rank hands it to torchrun (error
+    file) and exits with `exit_code`; in a world of more than one, ranks other than 0 wait
+    OTHER_RANKS_EXIT_AFTER_S first (torchrun terminates them as soon as rank 0 has exited)."""
+    import sys
+
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(OTHER_RANKS_EXIT_AFTER_S)
+    write_elastic_error_file(line)
+    sys.exit(exit_code)
+
+
 def write_elastic_error_file(message: str) -> None:
     """torchrun's error-file protocol (torch.distributed.elastic.multiprocessing.errors): each worker
     may write {"message": str, "timestamp": seconds} to $TORCHELASTIC_ERROR_FILE; the agent shows the

@@ -403,8 +403,15 @@ def test_preprocess_onto_a_full_disk_leaves_no_temporary(tiny_dataset, tmp_path)
 
 # Class 10: under torchrun the one line is also the failure summary's root cause.
 def test_torchrun_summary_names_the_one_line_cause(tmp_path):
+    """Rank 0 starts 2 s late (as on a busy machine): rank 1 finds the same bad flag first, and must not
+    exit before rank 0 has printed the line (torchrun terminates the other workers when one exits)."""
+    late = tmp_path / "rank0_late.py"
+    late.write_text("import os, runpy, sys, time\n"
+                    "if os.environ['RANK'] == '0':\n    time.sleep(2)\n"
+                    f"sys.argv[0] = {str(REPO / 'pretrain_gpt.py')!r}\n"
+                    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(REPO / "pretrain_gpt.py"), "--tp", "3"],
+                           str(late), "--tp", "3"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=180)
     line = ("error: world size 2 is not divisible by tensor-parallel size 3 x pipeline-parallel size 1 = 3; launch "
             "a multiple of 3 processes or change --tp/--pp")
@@ -415,7 +422,7 @@ def test_torchrun_summary_names_the_one_line_cause(tmp_path):
     assert f"traceback : {line}" in root, err  # torchrun's summary names it ...
     assert "To enable traceback see" not in err  # ... instead of pointing at docs for a traceback
     assert err.count("Traceback (most recent call last)") == 1  # torchrun's own (the launcher), none from a worker
-    assert not (tmp_path / "output").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0_late.py"]
 
 
 @pytest.mark.parametrize("flags,expected", [
