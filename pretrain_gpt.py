@@ -22,6 +22,7 @@ from megazero.config import RunConfig  # noqa: E402
 from megazero.distributed import (LaunchEnv, RankPrinter, device_for, fail, init_process_group,  # noqa: E402
                                   resolve_backend, teardown)
 from megazero.errors import ConfigError  # noqa: E402
+from megazero.validation import validate  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 
@@ -141,7 +142,7 @@ def run(argv: list[str] | None = None) -> dict:
         if resume_from is not None:
             cfg = keep_checkpoint_batch(cfg, resume_from, env.world_size, log)
             cfg = keep_run_dir(cfg, resume_from)
-        cfg.validate(env.world_size)
+        validate(cfg, env.world_size)
         cfg = cfg.resolved(env.world_size)
         backend = resolve_backend(cfg.parallel.distributed_backend)
         from megazero.training.data_setup import build_datasets, resolve_data  # heavy imports after cheap checks

@@ -48,6 +48,7 @@ from megazero.config import (
     TrainingConfig,
 )
 from megazero.topology import GridShape, Topology
+from megazero.validation import validate
 
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 TARGET = 0.05
@@ -120,7 +121,7 @@ def build_trainer(cfg: RunConfig, world: int, rank: int, prefix, tokenizer, voca
     from megazero.training.data_setup import ResolvedData
     from megazero.training.trainer import Trainer
 
-    cfg.validate(world)
+    validate(cfg, world)
     p = cfg.parallel
     topo = Topology.build(GridShape(world, tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size), rank)
     data = ResolvedData(prefix=Path(prefix), tokenizer_model=Path(tokenizer), vocab_size=vocab, description="bench")

@@ -1,8 +1,10 @@
 """Typed, frozen configuration (DESIGN.md principle 7).
 
 One dataclass per component. `megazero/cli.py` turns Megatron-style flags into a `RunConfig`;
-`RunConfig.validate(world_size)` checks every cross-field constraint once, on every rank, before any
-process group exists, raising ConfigError with a one-line fix. Nothing reads a global args object.
+`megazero.validation.validate(cfg, world_size)` checks every cross-field constraint once, on every
+rank, before any process group exists, raising ConfigError with a one-line fix; the checks that need
+only these dataclasses are methods here (config.py imports nothing of megazero but errors). Nothing
+reads a global args object.
 
 Numeric fields declare what they accept where they are defined (`num(default, ge=, gt=, le=, lt=)`:
 range metadata on the dataclass field); `field_requirement` checks one value against it and
@@ -326,14 +328,6 @@ class RunConfig:
                 p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
         return p.virtual_pipeline_model_parallel_size or 1
 
-    def layers_per_virtual_stage(self) -> list[int]:
-        from megazero.pipeline_parallel.partition import layers_per_virtual_stage
-
-        p = self.parallel
-        return layers_per_virtual_stage(self.model.num_layers, p.pipeline_model_parallel_size,
-                                        self.virtual_pipeline_size(), p.decoder_first_pipeline_num_layers,
-                                        p.decoder_last_pipeline_num_layers)
-
     def num_microbatches(self, world_size: int) -> int:
         return self.batch_sizes(world_size)[1]
 
@@ -346,7 +340,7 @@ class RunConfig:
     # ----- validation ----------------------------------------------------------------------------
     def check_fields(self) -> None:
         """Every numeric field within the range its dataclass declares (num(...)), every float finite;
-        ConfigError naming the flag. Runs first in validate(), and in cli.parse_args per flag given."""
+        ConfigError naming the flag. Runs first in validation.validate(), and in cli.parse_args per flag given."""
         for section in dataclasses.fields(self):
             values = getattr(self, section.name)
             for f in dataclasses.fields(values):
@@ -355,42 +349,7 @@ class RunConfig:
                 if problem:
                     raise ConfigError(f"{field_flag(f)} {problem}, got {show_value(value)}")
 
-    def validate(self, world_size: int) -> None:
-        """Every cross-field check, before any process group exists. Raises ConfigError (one line)."""
-        from megazero.topology import GridShape
-
-        m, p, o = self.model, self.parallel, self.optimizer
-        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        self.check_fields()  # every number in its declared range, every float finite
-        GridShape(world_size=world_size, tp=tp, pp=pp)  # world divisible by tp x pp
-        self._validate_precision_and_zero()
-        if m.hidden_size % m.num_attention_heads:
-            raise ConfigError(
-                f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}"
-            )
-        if m.num_attention_heads % tp:
-            raise ConfigError(
-                f"--num-attention-heads {m.num_attention_heads} is not divisible by tensor-parallel size {tp}; "
-                f"choose heads that are a multiple of {tp} or a smaller --tp"
-            )
-        if m.ffn_size % tp:
-            raise ConfigError(f"--ffn-hidden-size {m.ffn_size} is not divisible by tensor-parallel size {tp}")
-        if m.seq_length > m.max_positions:
-            raise ConfigError(
-                f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_positions}; "
-                f"raise --max-position-embeddings or lower --seq-length"
-            )
-        self.batch_sizes(world_size)
-        self._validate_pipeline(world_size)
-        if o.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"--lr-decay-style must be cosine, linear or constant, got {o.lr_decay_style!r}")
-        if o.min_lr > o.lr:
-            raise ConfigError(f"--min-lr {o.min_lr:g} exceeds --lr {o.lr:g}; the schedule decays from --lr down to "
-                              f"--min-lr, so lower --min-lr or raise --lr")
-        self._validate_data_paths()
-        self._validate_checkpoint()
-
-    def _validate_checkpoint(self) -> None:
+    def check_checkpoint(self) -> None:
         c = self.checkpoint
         if (c.save_interval or c.keep_last) and not c.save:
             raise ConfigError("--save-interval / --keep-last need --save DIR")
@@ -401,7 +360,7 @@ class RunConfig:
                               f"CHECKPOINT or drop {used[0]}")
         check_folder("--save", c.save)
 
-    def _validate_precision_and_zero(self) -> None:
+    def check_precision_and_zero(self) -> None:
         pr, z = self.precision, self.zero
         if pr.params_dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"params dtype must be fp32, bf16 or fp16, got {pr.params_dtype!r}")
@@ -410,13 +369,13 @@ class RunConfig:
                               f"{pr.initial_loss_scale:g}; lower --min-loss-scale or raise --initial-loss-scale")
         if z.grad_reduce_dtype not in ("fp32", "model"):
             raise ConfigError(f"--grad-reduce-dtype must be fp32 or model, got {z.grad_reduce_dtype!r}")
-        self._validate_offload()
+        self.check_offload()
         if self.optimizer.optimizer_type not in ("adamw", "adam_l2"):
             raise ConfigError(f"optimizer must be adamw or adam_l2, got {self.optimizer.optimizer_type!r}")
         if self.optimizer.lr_warmup_style not in ("linear", "log"):
             raise ConfigError(f"warmup style must be linear or log, got {self.optimizer.lr_warmup_style!r}")
 
-    def _validate_offload(self) -> None:
+    def check_offload(self) -> None:
         import os
         import tempfile
 
@@ -447,59 +406,3 @@ class RunConfig:
         elif z.offload_nvme_path:
             raise ConfigError(f"--offload-nvme-path is only used with --offload-optimizer nvme (got "
                               f"--offload-optimizer {z.offload_optimizer}); drop it or add --offload-optimizer nvme")
-
-    def _validate_pipeline(self, world_size: int) -> None:
-        from megazero.pipeline_parallel.schedules import validate_schedule
-
-        p, m = self.parallel, self.model
-        pp = p.pipeline_model_parallel_size
-        if p.virtual_pipeline_model_parallel_size and p.num_layers_per_virtual_pipeline_stage:
-            raise ConfigError("give either --virtual-pipeline-model-parallel-size (--vp) or "
-                              "--num-layers-per-virtual-pipeline-stage, not both")
-        if p.num_layers_per_virtual_pipeline_stage is not None:
-            n = p.num_layers_per_virtual_pipeline_stage
-            if n < 1 or m.num_layers % (pp * n):
-                raise ConfigError(f"--num-layers {m.num_layers} is not divisible by --pp {pp} x "
-                                  f"--num-layers-per-virtual-pipeline-stage {n}")
-        if self.virtual_pipeline_size() < 1:
-            raise ConfigError(f"virtual pipeline size must be >= 1, got {self.virtual_pipeline_size()}")
-        self.layers_per_virtual_stage()  # layer partition errors
-        validate_schedule(pp, self.virtual_pipeline_size(), self.num_microbatches(world_size))
-
-    def _validate_data_paths(self) -> None:
-        from megazero.data.gpt_dataset import parse_split
-
-        d, lc = self.data, self.logging
-        parse_split(d.split)  # one-line DataError for a malformed --split
-        if d.data_path is not None and (d.default_vocab_size is not None or d.cache_dir is not None):
-            raise ConfigError("--vocab-size and --data-cache-dir apply only to the default corpus; drop them when "
-                              "giving --data-path (the tokenizer's vocab comes from --tokenizer-model)")
-        if lc.no_tensorboard and lc.tensorboard_dir:
-            raise ConfigError("--tensorboard-dir with --no-tensorboard: drop one of them")
-        for flag, folder in (("--output-dir", lc.output_dir), ("--tensorboard-dir", lc.tensorboard_dir),
-                             ("--data-cache-dir", d.cache_dir)):
-            check_folder(flag, folder)
-        if lc.timeline_out and not Path(lc.timeline_out).resolve().parent.is_dir():
-            raise ConfigError(f"--timeline-out {lc.timeline_out}: folder {Path(lc.timeline_out).resolve().parent} "
-                              f"does not exist; create it or choose another path")
-        if lc.timeline_out and Path(lc.timeline_out).is_dir():
-            raise ConfigError(f"--timeline-out {lc.timeline_out}: is a folder; name a file, e.g. "
-                              f"{Path(lc.timeline_out) / 'timeline.json'}")
-        if lc.output_dir and (Path(lc.output_dir) / "training_metrics.csv").exists() and not self.checkpoint.load:
-            raise ConfigError(f"--output-dir {lc.output_dir} already holds a run (training_metrics.csv); choose a new "
-                              f"folder, or add --load CHECKPOINT to continue that run")
-        if d.data_path is not None:
-            prefix = Path(d.data_path)
-            for suffix in (".bin", ".idx"):
-                f = prefix.with_name(prefix.name + suffix)
-                if not f.is_file():
-                    raise ConfigError(
-                        f"--data-path {d.data_path}: {f} not found or not a file; pass the prefix written by "
-                        f"tools/preprocess_data.py --output-prefix (without .bin/.idx)"
-                    )
-            if d.tokenizer_model is None:
-                raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
-        if d.tokenizer_model is not None and not Path(d.tokenizer_model).is_file():
-            raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: file not found")
-        if d.tokenizer_model is not None and d.data_path is None:
-            raise ConfigError("--tokenizer-model without --data-path: pass the dataset made with that tokenizer too")

@@ -21,6 +21,7 @@ from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, Chec
 from megazero.checkpoint.api import build_gpt, single_process_group
 from megazero.checkpoint.state import _logical_shape, _region, writes_fragment
 from megazero.config import RunConfig
+from megazero.pipeline_parallel.partition import layers_of_config
 from megazero.tensor_parallel.sharding import get_shard_spec, set_shard_spec
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def validate_layout(cfg: RunConfig, dp: int) -> None:
         raise ConfigError(f"--target-tp {tp}: the model's ffn hidden size {m.ffn_size} is not divisible by {tp}")
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise ConfigError(f"--target-zero-stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
-    cfg.layers_per_virtual_stage()  # layers divisible by pp x vp (or the first/last stage counts)
+    layers_of_config(cfg)  # layers divisible by pp x vp (or the first/last stage counts)
 
 
 def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
@@ -68,20 +69,20 @@ def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
     (engine.build_layout) lays the buckets out."""
     from megazero.pipeline_parallel.partition import chunk_layer_ranges, virtual_stage
     from megazero.topology import Coords, GridShape, coords_to_rank
-    from megazero.training.model_builder import mark_tied_embedding
     from megazero.zero.engine import build_layout
 
     p = cfg.parallel
     tp, pp, vp, stage = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.virtual_pipeline_size(), \
         cfg.zero.stage
     grid = GridShape(tp * pp * dp, tp=tp, pp=pp)
-    counts, last = cfg.layers_per_virtual_stage(), pp * vp - 1
+    counts, last = layers_of_config(cfg), pp * vp - 1
     padded = cfg.model.padded_vocab_size(tp)
     plan: dict[int, list[PlannedPiece]] = {}
     with single_process_group() as group:
         for pp_rank in range(pp):
             # as training/model_builder.build_model_chunks: virtual stage 0 embeds, the last one has the
-            # (tied) output layer; with pp > 1 the word embedding gets a ZeRO bucket of its own
+            # (tied) output layer; with pp > 1 the word embedding's ShardSpec (copied to the meta
+            # parameters below) gives it a ZeRO bucket of its own
             chunks = []
             for c, layers in enumerate(chunk_layer_ranges(pp_rank, pp, counts)):
                 v = virtual_stage(pp_rank, c, pp)
@@ -102,7 +103,6 @@ def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
                     set_shard_spec(param, spec)
                     setattr(module, pname, param)
                     names[id(param)] = name
-                mark_tied_embedding(chunks, pp)
                 layout = build_layout(chunks, cfg.zero, dp)
                 for dp_rank in range(dp):
                     rank = coords_to_rank(Coords(tp=tp_rank, dp=dp_rank, pp=pp_rank), grid)

@@ -19,6 +19,7 @@ from typing import Any
 from megazero.config import RunConfig, field_requirement
 from megazero.ds_config.schema import fmt
 from megazero.errors import ConfigError
+from megazero.flags import spelled
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -30,17 +31,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _flag(section: str, field: str, value: Any) -> str:
     """How the user spelled a flag on the command line, e.g. `--micro-batch-size 4` or `--bf16`."""
-    from megazero.cli import build_parser  # cli imports ds_config lazily; import it lazily in turn
-
-    actions = [a for a in build_parser()._actions if a.dest == f"{section}.{field}"]
-    for action in actions:
-        if action.nargs == 0 and action.const == value:
-            return action.option_strings[0]
-    for action in actions:
-        if action.nargs != 0:
-            names = [o for o in action.option_strings if o.lstrip("-").replace("-", "_") == field]
-            return f"{(names or action.option_strings)[0]} {fmt(value)}"
-    return f"--{field.replace('_', '-')} {fmt(value)}"
+    return spelled(section, field, value, fmt)
 
 
 class Merge:

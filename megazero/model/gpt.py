@@ -122,15 +122,17 @@ class GPTModel(nn.Module):
 
         # The word embedding exists on the first stage (input) and the last (tied output layer). On a
         # last stage that is not also the first it is a copy: same name, so same initial values; its
-        # gradient is summed with the first stage's over the embedding group (trainer).
+        # gradient is summed with the first stage's over the embedding group (zero/grad_sync.py). A chunk
+        # holding only one of the two ends is pipelined (pp > 1; vp > 1 needs pp > 1), so its embedding is
+        # shared across stages: its ShardSpec says so (own_bucket; tied_copy on the last stage).
         if pre_process or post_process:
             self.word_embeddings = VocabParallelEmbedding(
                 cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
                 init_method=normal_init(cfg.init_method_std), logical_vocab_size=cfg.vocab_size,
                 dtype=dtype, device=device)
-            if not pre_process:
+            if pre_process != post_process:
                 w = self.word_embeddings.weight
-                set_shard_spec(w, dataclasses.replace(get_shard_spec(w), tied_copy=True))
+                set_shard_spec(w, dataclasses.replace(get_shard_spec(w), tied_copy=not pre_process, own_bucket=True))
         if pre_process:
             self.position_embeddings = nn.Parameter(
                 torch.empty(cfg.max_positions, cfg.hidden_size, dtype=dtype, device=device))

@@ -1,22 +1,11 @@
-"""Which gradient elements count toward the global gradient norm (each exactly once).
+"""Moved: the gradient-norm counting rule is `megazero.tensor_parallel.sharding.counts_toward_norm`,
+next to the ShardSpec it reads (DESIGN.md principle 5). This name stays for the importers not yet
+switched (training/trainer.py, checkpoint/state.py); new code imports it from sharding.py.
 
-Counting rule, from each parameter's ShardSpec (DESIGN.md principle 5):
-- TP-sharded parameters: every TP rank holds a distinct slice -> every rank contributes its slice.
-- TP-replicated parameters (LayerNorm, row-parallel bias, position embeddings): identical on every
-  TP rank -> only TP rank 0 contributes.
-- Tied word embedding across pipeline stages: the last stage's copy (ShardSpec.tied_copy) holds the
-  same summed gradient as the first stage's; only the first stage's counts.
-- DP: stage 0 replicas hold identical reduced gradients (not summed over dp); at stages 1-3 each DP
-  rank holds a distinct shard (summed over dp). zero/optimizer.py does the sums.
+Data-parallel sums (stage 0 replicas hold identical reduced gradients, not summed over dp; stages 1-3
+hold distinct shards, summed over dp) are zero/optimizer.py's.
 """
 
-from __future__ import annotations
+from megazero.tensor_parallel.sharding import counts_toward_norm
 
-import torch
-
-from megazero.tensor_parallel.sharding import get_shard_spec
-
-
-def counts_toward_norm(param: torch.Tensor, tp_rank: int) -> bool:
-    spec = get_shard_spec(param)
-    return not spec.tied_copy and (spec.is_tp_sharded or tp_rank == 0)
+__all__ = ["counts_toward_norm"]

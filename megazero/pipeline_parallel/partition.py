@@ -69,6 +69,13 @@ def layers_per_virtual_stage(num_layers: int, pp: int, vp: int = 1, first_stage_
     return [int(c) for c in counts]  # type: ignore[arg-type]
 
 
+def layers_of_config(cfg) -> list[int]:
+    """layers_per_virtual_stage for a RunConfig: its depth, pp, vp and first/last stage layer counts."""
+    p = cfg.parallel
+    return layers_per_virtual_stage(cfg.model.num_layers, p.pipeline_model_parallel_size, cfg.virtual_pipeline_size(),
+                                    p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+
+
 def chunk_layer_ranges(pp_rank: int, pp: int, counts: list[int]) -> list[range]:
     """Global layer indices of each chunk this pipeline rank holds (chunk order)."""
     starts = [sum(counts[:v]) for v in range(len(counts))]

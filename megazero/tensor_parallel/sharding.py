@@ -5,6 +5,7 @@ which tensor dim is split across the TP group (or None when replicated), the glo
 "logical" extent along the split dim (vocab padding adds rows that exist only to make the split even;
 they are always zero and never part of the model's math). Layout-invariant initialisation, grad-norm
 de-duplication, ZeRO partitioning and checkpoints all read this instead of guessing from names.
+The model sets it where it makes a parameter (tensor_parallel/layers.py, model/gpt.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class ShardSpec:
     # A copy of a parameter owned by another pipeline stage (the tied word embedding on the last
     # stage): its gradient is summed with the owner's, and norms/checkpoints count only the owner.
     tied_copy: bool = False
+    # Shared across pipeline stages (the word embedding on the first and on the last stage, owner and
+    # copy alike): its gradient is summed over the embedding group, so ZeRO gives it a bucket (and, at
+    # stage 3, a gather unit) of its own, with the same shard boundaries on both stages.
+    own_bucket: bool = False
 
     @property
     def is_tp_sharded(self) -> bool:
@@ -64,3 +69,17 @@ def get_shard_spec(param: torch.Tensor) -> ShardSpec:
     """Parameters without explicit metadata are replicated, full-shape tensors."""
     spec = getattr(param, _ATTR, None)
     return spec if spec is not None else ShardSpec(global_shape=tuple(param.shape))
+
+
+def counts_toward_norm(param: torch.Tensor, tp_rank: int) -> bool:
+    """Whether this rank's copy of `param` is counted in the global gradient norm (and written by
+    checkpoints): every element once across the TP group and the pipeline stages.
+
+    - TP-sharded parameters: every TP rank holds a distinct slice, all count.
+    - TP-replicated parameters (layernorms, biases of row-parallel layers, position embeddings): every
+      TP rank holds the same values, only tp rank 0 counts them.
+    - The tied word embedding across pipeline stages: the last stage's copy (ShardSpec.tied_copy) holds
+      the same gradient as the first stage's after the embedding-group all-reduce; only the first counts.
+    Summing over data-parallel ranks is the caller's business (only when gradients are sharded)."""
+    spec = get_shard_spec(param)
+    return not spec.tied_copy and (spec.is_tp_sharded or tp_rank == 0)

@@ -1,5 +1,5 @@
 """This rank's model: one GPT chunk per virtual pipeline stage it holds, initialised layout-invariantly
-in the model dtype, with the cross-stage tied word embedding marked for its own ZeRO bucket."""
+in the model dtype. (Each chunk declares its own ZeRO facts: ShardSpec per parameter, zero_units().)"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from megazero.config import RunConfig
 from megazero.model import GPTModel
-from megazero.pipeline_parallel.partition import chunk_layer_ranges, virtual_stage
+from megazero.pipeline_parallel.partition import chunk_layer_ranges, layers_of_config, virtual_stage
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.init import initialize_parameters
 from megazero.topology import Topology
@@ -20,19 +20,10 @@ def build_model_chunks(cfg: RunConfig, topo: Topology, rng: RNGStreams, device: 
     last_virtual = topo.pp * vp - 1
     dtype = DTYPES[cfg.precision.params_dtype]
     chunks = torch.nn.ModuleList()
-    for c, layers in enumerate(chunk_layer_ranges(topo.pp_rank, topo.pp, cfg.layers_per_virtual_stage())):
+    for c, layers in enumerate(chunk_layer_ranges(topo.pp_rank, topo.pp, layers_of_config(cfg))):
         v = virtual_stage(topo.pp_rank, c, topo.pp)
         chunk = GPTModel(cfg.model, tp_group=topo.tp_group, rng=rng, layer_range=layers, pre_process=v == 0,
                          post_process=v == last_virtual, dtype=dtype, device=device)
         initialize_parameters(chunk, cfg.training.seed)
         chunks.append(chunk)
-    mark_tied_embedding(chunks, topo.pp)
     return chunks
-
-
-def mark_tied_embedding(chunks, pp: int) -> None:
-    """With pipelining the word embedding is summed across the first and last stage: it gets a ZeRO
-    bucket of its own so its shard boundaries are identical on both (zero/layout.py)."""
-    for chunk in chunks:
-        if pp > 1 and hasattr(chunk, "word_embeddings"):
-            chunk.word_embeddings.weight.own_bucket = True

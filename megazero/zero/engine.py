@@ -17,6 +17,7 @@ from torch import nn
 from megazero import comm
 from megazero.config import OptimizerConfig, ZeroConfig
 from megazero.errors import ConfigError
+from megazero.tensor_parallel.sharding import get_shard_spec
 from megazero.topology import Topology
 from megazero.zero.grad_sync import GradSync
 from megazero.zero.layout import BufferLayout
@@ -35,8 +36,8 @@ def parameter_groups(chunks: list[nn.Module], stage: int) -> list[list[nn.Parame
             continue
         blocks = list(chunk.layers.values()) if hasattr(chunk, "layers") else []
         in_block = {id(p) for blk in blocks for p in blk.parameters()}
-        own = [p for p in chunk.parameters() if getattr(p, "own_bucket", False)]
-        rest = [p for p in chunk.parameters() if id(p) not in in_block and not getattr(p, "own_bucket", False)]
+        own = [p for p in chunk.parameters() if get_shard_spec(p).own_bucket]
+        rest = [p for p in chunk.parameters() if id(p) not in in_block and not get_shard_spec(p).own_bucket]
         groups += [[p] for p in own]
         if rest:
             groups.append(rest)
@@ -57,7 +58,7 @@ class ZeroEngine:
         weight_decay = {id(p): decays(n, p) for c in chunks for n, p in c.named_parameters()}  # before ZeRO-3 storage
         self.layout = build_layout(chunks, zero, topo.dp)
         assert {id(p) for p in params} == set(self.layout.range_of), "every parameter is laid out once"
-        tied = any(getattr(p, "own_bucket", False) for p in params)
+        tied = any(get_shard_spec(p).own_bucket for p in params)
         self.storage = ParamStorage(self.layout, zero.stage, topo.dp_group, topo.dp_rank,
                                     offload=zero.offload_param == "cpu")
         grad_dtype = torch.float32 if zero.grad_reduce_dtype == "fp32" else params[0].dtype

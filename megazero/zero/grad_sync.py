@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from megazero import comm
+from megazero.tensor_parallel.sharding import get_shard_spec
 from megazero.zero.layout import Bucket, BufferLayout, Fragment
 
 
@@ -58,7 +59,7 @@ class GradSync:
         self.on_bucket_reduced = None
         self._reductions = [0] * len(layout.buckets)
         self._reported: set[int] = set()  # buckets handed to on_bucket_reduced this step
-        self._tied = {b.index for b in layout.buckets if any(getattr(p, "own_bucket", False) for p in b.params)}
+        self._tied = {b.index for b in layout.buckets if any(get_shard_spec(p).own_bucket for p in b.params)}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     def _view(self, p: torch.Tensor) -> torch.Tensor:

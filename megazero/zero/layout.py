@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megazero.tensor_parallel.sharding import get_shard_spec
+
 
 @dataclass
 class Bucket:
@@ -57,7 +59,8 @@ class BufferLayout:
     def __init__(self, groups: list[list[torch.nn.Parameter]], dp: int, bucket_size: int | None):
         """groups: parameter groups in forward order; a group never shares a bucket with another when
         bucket_size is None (stage 3 units), else consecutive groups are packed up to bucket_size.
-        A group of one parameter marked `own_bucket` (the tied embedding) is always alone."""
+        A group holding a parameter whose ShardSpec says `own_bucket` (the word embedding shared across
+        pipeline stages) is always alone."""
         self.dp = dp
         self.buckets: list[Bucket] = []
         self.range_of: dict[int, tuple[int, int]] = {}  # id(param) -> (lo, hi) in the buffer
@@ -75,7 +78,7 @@ class BufferLayout:
             current = None
 
         for group in reversed(groups):
-            alone = bucket_size is None or any(getattr(p, "own_bucket", False) for p in group)
+            alone = bucket_size is None or any(get_shard_spec(p).own_bucket for p in group)
             if alone:
                 close()
             for p in reversed(group):

@@ -24,7 +24,7 @@ import torch
 
 from megazero import comm
 from megazero.config import OptimizerConfig
-from megazero.optim.grad_norm import counts_toward_norm
+from megazero.tensor_parallel.sharding import counts_toward_norm
 from megazero.zero.grad_sync import GradSync
 from megazero.zero.layout import BufferLayout
 from megazero.zero.offload import OffloadedAdam

@@ -40,6 +40,7 @@ from megazero.checkpoint.format import LATEST, CheckpointReader, iteration_dirna
 from megazero.topology import GridShape, Topology
 from megazero.training.data_setup import ResolvedData
 from megazero.training.trainer import Trainer
+from megazero.validation import validate
 from tests.checkpoint_utils import assert_same_tensors, checkpoint_tensors  # noqa: F401 (used here and by siblings)
 from tests.dist_utils import run_distributed
 from tests.integration.test_layout_parity import Layout, layout_id, parity_config
@@ -90,7 +91,7 @@ def _config(prefix, tokenizer_model, layout: Layout, iters: int, nvme: Path, **c
 
 
 def _trainer(rank, world_size, cfg, layout, data, log=lambda _: None) -> Trainer:
-    cfg.validate(world_size)
+    validate(cfg, world_size)
     topo = Topology.build(GridShape(world_size, tp=layout.tp, pp=layout.pp), rank)
     return Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=log)
 

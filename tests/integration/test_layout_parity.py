@@ -23,6 +23,7 @@ from megazero.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig,
 from megazero.topology import GridShape, Topology
 from megazero.training.data_setup import ResolvedData
 from megazero.training.trainer import Trainer
+from megazero.validation import validate
 from tests.dist_utils import run_distributed
 
 STEPS = 12
@@ -71,7 +72,7 @@ def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts):
     NVME_DIR.mkdir(exist_ok=True)
     for layout in layouts:
         cfg = parity_config(prefix, tokenizer_model, layout)
-        cfg.validate(world_size)
+        validate(cfg, world_size)
         topo = Topology.build(GridShape(world_size, tp=layout.tp, pp=layout.pp), rank)
         os.environ["MEGATRON_KERNELS_FORCE_REFERENCE"] = "1" if layout.offload.endswith("-reference") else "0"
         trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=lambda _: None)

@@ -25,6 +25,7 @@ from megazero.checkpoint import format as fmt
 from megazero.checkpoint.api import load_model, single_process_group
 from megazero.checkpoint.format import CheckpointReader
 from megazero.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, TrainingConfig
+from megazero.validation import validate
 from tests.checkpoint_utils import assert_same_tensors, checkpoint_tensors
 from tests.dist_utils import run_distributed
 
@@ -65,7 +66,7 @@ def _train_save_reshard_resave(rank, world_size, prefix, tokenizer_model, root):
     root = Path(root)
     data = ResolvedData(prefix=prefix, tokenizer_model=tokenizer_model, vocab_size=VOCAB, description="tiny")
     cfg = _config(prefix, tokenizer_model, tp=2, pp=2, zero=1)
-    cfg.validate(world_size)
+    validate(cfg, world_size)
     cfg = cfg.resolved(world_size)
     trainer = Trainer(cfg, Topology.build(GridShape(world_size, tp=2, pp=2), rank), data, torch.device("cpu"),
                       run_dir=None, log=lambda _: None)
@@ -81,7 +82,7 @@ def _train_save_reshard_resave(rank, world_size, prefix, tokenizer_model, root):
         logits = load_model(root / "src")(torch.arange(16).view(1, 16))
     dist.barrier()
     target = _config(prefix, tokenizer_model, tp=1, pp=2, zero=2)
-    target.validate(world_size)
+    validate(target, world_size)
     target = target.resolved(world_size)
     trainer = Trainer(target, Topology.build(GridShape(world_size, tp=1, pp=2), rank), data, torch.device("cpu"),
                       run_dir=None, log=lambda _: None)

@@ -17,6 +17,7 @@ from megazero.config import RunConfig
 from megazero.ds_config import SCHEDULER_PARAMS, SCHEMA, apply_ds_config
 from megazero.errors import ConfigError
 from megazero.optim.lr_schedule import LRSchedule
+from megazero.validation import validate
 
 FIXTURES = Path(__file__).parent / "ds_configs"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "ds_config.md"
@@ -53,7 +54,7 @@ def test_zero2_example_loads_and_validates():
     assert cfg.optimizer.clip_grad == 0.5 and cfg.training.log_interval == 5
     assert cfg.optimizer.lr_decay_style == "constant" and cfg.optimizer.lr_warmup_iters == 100
     assert cfg.optimizer.lr_warmup_style == "log"  # DeepSpeed's default warmup_type
-    cfg.validate(world_size=2)
+    validate(cfg, 2)
     assert cfg.batch_sizes(2) == (8, 2, 32)
 
 
@@ -65,14 +66,14 @@ def test_zero3_example_loads_and_validates():
     assert cfg.optimizer.adam_beta2 == 0.999 and cfg.optimizer.lr_decay_style == "cosine"
     assert cfg.optimizer.min_lr == pytest.approx(0.05 * 2e-4)
     assert cfg.optimizer.lr_warmup_init == pytest.approx(0.1 * 2e-4)
-    cfg.validate(world_size=2)
+    validate(cfg, 2)
     assert cfg.batch_sizes(2) == (4, 4, 32)
 
 
 def test_zero3_offload_example_maps_offload_and_validates():
     cfg = apply_ds_config(FIXTURES / "zero3_offload.json")
     assert cfg.zero.offload_optimizer == "cpu" and cfg.zero.offload_param == "cpu"
-    cfg.validate(world_size=2)
+    validate(cfg, 2)
 
 
 def test_nvme_offload_path_and_sub_group_size_map(tmp_path):
@@ -83,14 +84,14 @@ def test_nvme_offload_path_and_sub_group_size_map(tmp_path):
         "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True}})
     assert (cfg.zero.offload_optimizer, cfg.zero.offload_nvme_path) == ("nvme", str(nvme))
     assert cfg.zero.offload_sub_group_size == 10**8
-    cfg.validate(world_size=2)  # nvme at stage 2 is nvme (DeepSpeed would silently use cpu)
+    validate(cfg, 2)  # nvme at stage 2 is nvme (DeepSpeed would silently use cpu)
     missing = load(tmp_path, {"zero_optimization": {"stage": 3, "offload_optimizer": {
         "device": "nvme", "nvme_path": "/no/such/nvme"}}})
     with pytest.raises(ConfigError, match="--offload-nvme-path /no/such/nvme: not an existing folder"):
-        missing.validate(world_size=2)
+        validate(missing, 2)
     param_nvme = load(tmp_path, {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})
     with pytest.raises(ConfigError, match="--offload-param must be none or cpu"):
-        param_nvme.validate(world_size=2)
+        validate(param_nvme, 2)
     assert "needs \"device\"" in error(tmp_path, {"zero_optimization": {"offload_param": {"pin_memory": True}}})
 
 
@@ -113,7 +114,7 @@ def test_auto_example_takes_defaults_or_flags():
 def test_batch_sizes_accepted_on_two_ranks(tmp_path, gbs, micro, accum):
     cfg = load(tmp_path, {"train_batch_size": gbs, "train_micro_batch_size_per_gpu": micro,
                           "gradient_accumulation_steps": accum})
-    cfg.validate(world_size=2)
+    validate(cfg, 2)
     assert cfg.batch_sizes(2) == (micro, accum, gbs)
 
 
@@ -122,7 +123,7 @@ def test_batch_sizes_rejected_with_the_numbers(tmp_path, gbs, micro, accum):
     cfg = load(tmp_path, {"train_batch_size": gbs, "train_micro_batch_size_per_gpu": micro,
                           "gradient_accumulation_steps": accum})
     with pytest.raises(ConfigError) as e:
-        cfg.validate(world_size=2)
+        validate(cfg, 2)
     msg = str(e.value)
     assert all(str(n) in msg for n in (gbs, micro, accum, micro * accum * 2)), msg
 
@@ -138,7 +139,7 @@ def test_any_two_batch_keys_imply_the_third(tmp_path):
     assert cfg.batch_sizes(2) == (4, 4, 32)
     cfg = load(tmp_path, {"train_batch_size": 30, "gradient_accumulation_steps": 2})
     with pytest.raises(ConfigError, match="global batch size 30 is not divisible by gradient accumulation steps 2"):
-        cfg.validate(world_size=2)
+        validate(cfg, 2)
     assert "train_batch_size 0 must be >= 1" in error(tmp_path, {"train_batch_size": 0})
 
 
@@ -263,7 +264,7 @@ def test_optimizer_type(tmp_path, kind, w_mode, expected):
     params = {"lr": 1e-4, "torch_adam": True} | ({} if w_mode is None else {"adam_w_mode": w_mode})
     cfg = load(tmp_path, {"optimizer": {"type": kind, "params": params}})
     assert cfg.optimizer.optimizer_type == expected
-    cfg.validate(world_size=1)
+    validate(cfg, 1)
 
 
 def test_optimizer_refusals_and_deepspeed_defaults(tmp_path):
@@ -347,7 +348,7 @@ def test_scheduler_fields(tmp_path, kind):
         assert (o.min_lr, o.lr_decay_iters) == (1e-5, 50)
     cfg = scheduler_cfg(tmp_path, kind, "linear")
     assert cfg.optimizer.lr_warmup_style == "linear"
-    cfg.validate(world_size=1)
+    validate(cfg, 1)
 
 
 @pytest.mark.parametrize("kind", list(SCHEDULERS))
@@ -437,7 +438,7 @@ def test_monitors(tmp_path):
 ])
 def test_accepted_and_refused_values(tmp_path, obj, ok):
     if ok:
-        load(tmp_path, obj).validate(world_size=1)
+        validate(load(tmp_path, obj), 1)
     else:
         assert "not supported" in error(tmp_path, obj) or "must be" in error(tmp_path, obj)
 
@@ -451,7 +452,7 @@ def test_accepted_and_refused_values(tmp_path, obj, ok):
 def test_communication_data_type_maps_to_grad_reduce_dtype(tmp_path, comm, precision, expected):
     cfg = load(tmp_path, {"communication_data_type": comm} | precision)
     assert cfg.zero.grad_reduce_dtype == expected
-    cfg.validate(world_size=1)
+    validate(cfg, 1)
 
 
 def test_communication_data_type_with_flags(tmp_path):

@@ -1,0 +1,199 @@
+"""The command-line flags: one table that the parser (cli.py) and the ds_config messages
+(ds_config/merge.py, to name a setting as the user would type it) both read.
+
+Each flag is `flag(*names, dest="section.field", **argparse keywords)`: the first name is the canonical
+spelling, the others aliases (`--tp`); `dest` names the RunConfig field it sets. Imports nothing of
+megazero, so every layer above config can read it (docs/architecture.md, "Imports flow one way").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Flag:
+    names: tuple[str, ...]
+    dest: str
+    kwargs: dict[str, Any]
+
+    @property
+    def is_switch(self) -> bool:
+        """Takes no value (argparse nargs == 0): --bf16, --no-tensorboard."""
+        return self.kwargs.get("action") in ("store_const", "store_true", "store_false")
+
+    @property
+    def const(self) -> Any:
+        """The value a switch stores."""
+        return {"store_true": True, "store_false": False}.get(self.kwargs.get("action"), self.kwargs.get("const"))
+
+
+def flag(*names: str, dest: str, **kwargs: Any) -> Flag:
+    return Flag(names, dest, kwargs)
+
+
+# (argument group title, flags), in --help order
+FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
+    ('parallelism', [
+        flag("--tensor-model-parallel-size", "--tp", dest="parallel.tensor_model_parallel_size", type=int,
+             help="tensor-parallel size (default 1)"),
+        flag("--pipeline-model-parallel-size", "--pp", dest="parallel.pipeline_model_parallel_size",
+             type=int, help="pipeline-parallel size (default 1)"),
+        flag("--virtual-pipeline-model-parallel-size", "--vp", dest="parallel.virtual_pipeline_model_parallel_size",
+             type=int, help="model chunks per pipeline stage: interleaved 1F1B when > 1 (default 1)"),
+        flag("--num-layers-per-virtual-pipeline-stage", dest="parallel.num_layers_per_virtual_pipeline_stage",
+             type=int, help="Megatron's way to ask for interleaving: layers per model chunk"),
+        flag("--decoder-first-pipeline-num-layers", dest="parallel.decoder_first_pipeline_num_layers",
+             type=int, help="layers on the first (virtual) pipeline stage (default: even split)"),
+        flag("--decoder-last-pipeline-num-layers", dest="parallel.decoder_last_pipeline_num_layers",
+             type=int, help="layers on the last (virtual) pipeline stage (default: even split)"),
+    ]),
+    ('ZeRO and mixed precision', [
+        flag("--zero-stage", dest="zero.stage", type=int, choices=[0, 1, 2, 3],
+             help="0: all-reduce grads; 1: shard optimizer state; 2: + gradients; 3: + parameters (default 0)"),
+        flag("--ddp-bucket-size", "--reduce-bucket-size", dest="zero.reduce_bucket_size", type=int,
+             help="gradient bucket size in elements (default 6.25M)"),
+        flag("--grad-reduce-dtype", dest="zero.grad_reduce_dtype", choices=["fp32", "model"],
+             help="accumulate and reduce gradients in fp32 (default) or in the model dtype (bf16/fp16)"),
+        flag("--no-overlap-comm", dest="zero.overlap_comm", action="store_false",
+             help="reduce gradients after backward instead of during it"),
+        flag("--bf16", dest="precision.params_dtype", action="store_const", const="bf16",
+             help="bf16 parameters and activations, fp32 master weights"),
+        flag("--fp16", dest="precision.params_dtype", action="store_const", const="fp16",
+             help="fp16 parameters and activations, fp32 master weights, loss scaling"),
+        flag("--loss-scale", dest="precision.loss_scale", type=float, help="static loss scale (fp16)"),
+        flag("--initial-loss-scale", dest="precision.initial_loss_scale", type=float,
+             help="dynamic loss scale start (default 65536)"),
+        flag("--loss-scale-window", dest="precision.loss_scale_window", type=int, help="default 1000"),
+        flag("--hysteresis", dest="precision.hysteresis", type=int, help="default 2"),
+        flag("--min-loss-scale", dest="precision.min_loss_scale", type=float, help="default 1"),
+        flag("--max-consecutive-skipped-steps", dest="precision.max_consecutive_skipped_steps", type=int,
+             help="stop after this many non-finite-gradient steps in a row (default 50)"),
+        flag("--distributed-backend", dest="parallel.distributed_backend", choices=["nccl", "gloo"],
+             help="default: nccl when CUDA is available, else gloo"),
+        flag("--distributed-timeout-minutes", dest="parallel.distributed_timeout_minutes", type=float,
+             help="a collective or pipeline transfer waiting longer than this ends the job with one message "
+                  "naming it and the ranks that did not arrive, exit code 3 (default 10; fractions allowed, "
+                  "e.g. 0.25)"),
+        flag("--offload-optimizer", dest="zero.offload_optimizer", choices=["none", "cpu", "nvme"],
+             help="keep fp32 master weights and Adam state in host memory (cpu) or in "
+             "files under --offload-nvme-path (nvme), stepped by the CPU Adam; needs --zero-stage >= 1"),
+        flag("--offload-nvme-path", dest="zero.offload_nvme_path",
+             help="folder for --offload-optimizer nvme state files (removed at the end of the run)"),
+        flag("--offload-param", dest="zero.offload_param", choices=["none", "cpu"],
+             help="keep ZeRO-3 parameter shards in host memory, copied to the device per unit"),
+        flag("--offload-sub-group-size", dest="zero.offload_sub_group_size", type=int,
+             help="elements per NVMe offload read/step/write round (host RAM holds two; default 1e8)"),
+    ]),
+    ('checkpoints', [
+        flag("--save", dest="checkpoint.save", help="folder to save checkpoints into (iter_N + latest)"),
+        flag("--load", dest="checkpoint.load",
+             help="resume from this folder's latest checkpoint (or one iter_N folder); an empty or missing "
+                  "folder starts from scratch"),
+        flag("--save-interval", dest="checkpoint.save_interval", type=int,
+             help="iterations between checkpoints (the end of the run and SIGTERM always save)"),
+        flag("--keep-last", dest="checkpoint.keep_last", type=int,
+             help="keep only the newest N checkpoints (older ones removed after a new one is committed)"),
+        flag("--exit-interval", dest="checkpoint.exit_interval", type=int,
+             help="save and exit when the iteration is a multiple of N"),
+        flag("--exit-duration-in-mins", dest="checkpoint.exit_duration_in_mins", type=float,
+             help="save and exit once the run has lasted this many minutes"),
+        flag("--no-load-optim", dest="checkpoint.no_load_optim", action="store_true",
+             help="load weights and counters but not the optimizer state"),
+        flag("--no-load-rng", dest="checkpoint.no_load_rng", action="store_true",
+             help="do not restore the RNG streams"),
+        flag("--finetune", dest="checkpoint.finetune", action="store_true",
+             help="load weights only; iteration, data position and optimizer start fresh"),
+    ]),
+    ('model', [
+        flag("--num-layers", dest="model.num_layers", type=int, help="default 4"),
+        flag("--hidden-size", dest="model.hidden_size", type=int, help="default 256"),
+        flag("--num-attention-heads", dest="model.num_attention_heads", type=int, help="default 4"),
+        flag("--ffn-hidden-size", dest="model.ffn_hidden_size", type=int, help="default 4 x hidden"),
+        flag("--seq-length", dest="model.seq_length", type=int, help="default 128"),
+        flag("--max-position-embeddings", dest="model.max_position_embeddings", type=int,
+             help="default: seq length"),
+        flag("--make-vocab-size-divisible-by", dest="model.make_vocab_size_divisible_by", type=int,
+             help="pad the vocab to a multiple of this x tp (default 128)"),
+        flag("--hidden-dropout", dest="model.hidden_dropout", type=float, help="default 0.1"),
+        flag("--attention-dropout", dest="model.attention_dropout", type=float, help="default 0.1"),
+        flag("--init-method-std", dest="model.init_method_std", type=float, help="default 0.02"),
+        flag("--layernorm-epsilon", dest="model.layernorm_epsilon", type=float, help="default 1e-5"),
+        flag("--no-fused-kernels", dest="model.fused_kernels", action="store_false",
+             help="use the pure-PyTorch reference ops instead of the fused CUDA kernels"),
+    ]),
+    ('training', [
+        flag("--micro-batch-size", dest="training.micro_batch_size", type=int, help="default 8"),
+        flag("--global-batch-size", dest="training.global_batch_size", type=int,
+             help="default: micro batch x data-parallel size x pipeline size (one microbatch per stage)"),
+        flag("--gradient-accumulation-steps", dest="training.gradient_accumulation_steps", type=int,
+             help="microbatches per step (default: global / (micro x dp))"),
+        flag("--train-iters", dest="training.train_iters", type=int, help="default 300"),
+        flag("--seed", dest="training.seed", type=int, help="default 1234"),
+        flag("--log-interval", dest="training.log_interval", type=int, help="default 10"),
+        flag("--eval-interval", dest="training.eval_interval", type=int, help="default 100"),
+        flag("--eval-iters", dest="training.eval_iters", type=int, help="default 10"),
+        flag("--deterministic", dest="training.deterministic", action="store_true",
+             help="torch.use_deterministic_algorithms(True)"),
+    ]),
+    ('optimizer (AdamW)', [
+        flag("--lr", dest="optimizer.lr", type=float, help="peak learning rate (default 6e-4)"),
+        flag("--min-lr", dest="optimizer.min_lr", type=float, help="default 6e-5"),
+        flag("--weight-decay", dest="optimizer.weight_decay", type=float, help="default 0.1"),
+        flag("--adam-beta1", dest="optimizer.adam_beta1", type=float, help="default 0.9"),
+        flag("--adam-beta2", dest="optimizer.adam_beta2", type=float, help="default 0.95"),
+        flag("--adam-eps", dest="optimizer.adam_eps", type=float, help="default 1e-8"),
+        flag("--clip-grad", dest="optimizer.clip_grad", type=float, help="global grad-norm clip (default 1.0; 0 = off)"),
+        flag("--optimizer", dest="optimizer.optimizer_type", choices=["adam", "adamw"],
+             type=str.lower, help="both mean AdamW (decoupled weight decay), as in Megatron"),
+        flag("--lr-warmup-iters", dest="optimizer.lr_warmup_iters", type=int, help="default 20"),
+        flag("--lr-warmup-init", dest="optimizer.lr_warmup_init", type=float, help="default 0"),
+        flag("--lr-decay-iters", dest="optimizer.lr_decay_iters", type=int, help="default: train iters"),
+        flag("--lr-decay-style", dest="optimizer.lr_decay_style", choices=["cosine", "linear", "constant"],
+             help="default cosine"),
+    ]),
+    ('data', [
+        flag("--data-path", dest="data.data_path",
+             help="prefix of a .bin/.idx dataset from tools/preprocess_data.py (default: stdlib corpus)"),
+        flag("--tokenizer-model", dest="data.tokenizer_model", help="sentencepiece model of --data-path"),
+        flag("--split", dest="data.split", help="train,valid,test weights (default 969,30,1)"),
+        flag("--vocab-size", dest="data.default_vocab_size", type=int,
+             help="tokenizer vocab for the default corpus (default 4096)"),
+        flag("--data-cache-dir", dest="data.cache_dir",
+             help="where the default corpus is cached (default $MEGAZERO_CACHE or ~/.cache/megazero)"),
+        flag("--num-workers", dest="data.num_workers", type=int, help="data-loader workers (default 0)"),
+    ]),
+    ('logging', [
+        flag("--output-dir", dest="logging.output_dir", help="run directory (default output/run-<time>)"),
+        flag("--tensorboard-dir", dest="logging.tensorboard_dir", help="default <output-dir>/tensorboard"),
+        flag("--no-tensorboard", dest="logging.no_tensorboard", action="store_true"),
+        flag("--wall-clock-breakdown", dest="logging.wall_clock_breakdown", action="store_true",
+             help="time forward-backward, gradient sync and optimizer per step (console + TensorBoard)"),
+        flag("--no-csv", dest="logging.no_csv", action="store_true",
+             help="do not write training_metrics.csv / validation_metrics.csv"),
+        flag("--log-memory", dest="logging.log_memory", action="store_true",
+             help="per-rank bytes in parameters, gradients and optimizer state"),
+        flag("--log-comm", dest="logging.log_comm", action="store_true",
+             help="per-rank bytes moved by each collective per step"),
+        flag("--timeline-out", dest="logging.timeline_out",
+             help="record the last training step's per-rank pipeline timeline to this JSON file "
+                  "(draw it with tools/plot_schedule.py --timeline FILE)"),
+        flag("--deepspeed-config", "--deepspeed_config", dest="_ds.config",
+             help="a DeepSpeed ds_config.json (batch sizes, fp16/bf16, optimizer, scheduler, zero_optimization, ...)"),
+    ]),
+]
+
+
+def spelled(section: str, field: str, value: Any, fmt=str) -> str:
+    """How the user would set `section.field` to `value` on the command line, e.g. `--micro-batch-size 4`
+    or `--bf16` (`fmt` shows the value)."""
+    flags = [f for _, group in FLAG_GROUPS for f in group if f.dest == f"{section}.{field}"]
+    for f in flags:
+        if f.is_switch and f.const == value:
+            return f.names[0]
+    for f in flags:
+        if not f.is_switch:
+            names = [n for n in f.names if n.lstrip("-").replace("-", "_") == field]
+            return f"{(names or f.names)[0]} {fmt(value)}"
+    return f"--{field.replace('_', '-')} {fmt(value)}"
