@@ -72,6 +72,9 @@ class Chunk(torch.nn.Module):
     def forward(self, x, labels=None):
         return FixedWork.apply(x * self.w, self.seconds, self.kind)
 
+    def pipeline_activation(self, micro_batch_size: int):
+        return (micro_batch_size, *SHAPE[1:]), torch.float32  # what crosses a stage boundary
+
 
 def loss_fn(chunk, x, batch):
     return chunk(x).float().mean()
@@ -85,8 +88,8 @@ def worker(rank: int, world: int, port: int, cases, stage_seconds: float, kind: 
     results = {"latency": p2p_latency(topo)}
     for vp, m in cases:
         chunks = [Chunk(stage_seconds / vp, kind) for _ in range(vp)]
-        p2p = PipelineP2P(topo.pp_ranks, topo.pp_rank, topo.pp_group, SHAPE, torch.float32, torch.device("cpu"))
-        ex = PipelineExecutor(chunks, topo.pp_rank, PP, p2p)
+        p2p = PipelineP2P.for_chunks(chunks, SHAPE[0], topo.pp_ranks, topo.pp_rank, topo.pp_group, torch.device("cpu"))
+        ex = PipelineExecutor(chunks, topo.pp_rank, PP, p2p, input_key="tokens")
         ex.record_timeline = True
         plan = build_plan(topo.pp_rank, PP, vp, m)
         batches = [{"tokens": torch.ones(SHAPE), "labels": torch.ones(SHAPE)} for _ in range(m)]

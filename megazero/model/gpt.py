@@ -116,6 +116,7 @@ class GPTModel(nn.Module):
         super().__init__()
         assert cfg.vocab_size is not None
         self.cfg, self.tp_group = cfg, tp_group
+        self.activation_dtype = dtype  # of the hidden states between blocks and pipeline stages
         self.pre_process, self.post_process = pre_process, post_process
         tp = comm.group_size(tp_group)
         layer_range = layer_range if layer_range is not None else range(cfg.num_layers)
@@ -142,6 +143,12 @@ class GPTModel(nn.Module):
             {str(i): TransformerBlock(cfg, tp_group, rng, dtype, device) for i in layer_range})
         if post_process:
             self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device, cfg.fused_kernels)
+
+    def pipeline_activation(self, micro_batch_size: int) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of the hidden state this chunk receives from / sends to a neighbouring
+        pipeline stage: [b, s, h], replicated over TP, in the model dtype. Sequence or context
+        parallelism shards s here, and the pipeline carries it with no trainer change."""
+        return (micro_batch_size, self.cfg.seq_length, self.cfg.hidden_size), self.activation_dtype
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens) + self.position_embeddings[:tokens.shape[1]]  # [b, s, h]

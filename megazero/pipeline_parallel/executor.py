@@ -44,8 +44,14 @@ def _backward_from(output: torch.Tensor, grad: torch.Tensor | None) -> None:
 
 
 class PipelineExecutor:
-    def __init__(self, chunks: list[torch.nn.Module], pp_rank: int, pp: int, p2p: PipelineP2P | None):
+    """`input_key`: the microbatch entry the first virtual stage consumes (the rest of the
+    microbatch reaches only loss_fn). What crosses stages is whatever `p2p` was shaped for
+    (PipelineP2P.for_chunks: the chunks' declared activation)."""
+
+    def __init__(self, chunks: list[torch.nn.Module], pp_rank: int, pp: int, p2p: PipelineP2P | None,
+                 input_key: str = "tokens"):
         self.chunks, self.pp_rank, self.pp, self.p2p = chunks, pp_rank, pp, p2p
+        self.input_key = input_key
         self.vp = len(chunks)
         self.last_virtual = pp * self.vp - 1
         self.record_timeline = False
@@ -139,7 +145,7 @@ class PipelineExecutor:
     def _forward(self, a: Action, microbatches, inputs, outputs, loss_fn, forward_only, loss_factor):
         v = virtual_stage(self.pp_rank, a.chunk, self.pp)
         batch = microbatches[a.microbatch]
-        x = batch["tokens"] if v == 0 else inputs[(a.microbatch, a.chunk)]
+        x = batch[self.input_key] if v == 0 else inputs[(a.microbatch, a.chunk)]
         if forward_only:
             inputs.pop((a.microbatch, a.chunk), None)
         chunk = self.chunks[a.chunk]

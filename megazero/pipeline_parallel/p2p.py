@@ -1,8 +1,9 @@
 """Point-to-point transfers between pipeline stages.
 
 Fixed shape/dtype contract per run: every activation and activation-gradient crossing a stage
-boundary is [micro_batch, seq, hidden] in the model dtype, so receivers allocate buffers without a
-shape handshake. Adjacent comm actions of a plan are posted as one batch_isend_irecv; receives are
+boundary has the one shape and dtype the model chunks declare (`chunk.pipeline_activation(micro)`;
+for the GPT [micro_batch, seq, hidden] in the model dtype, with seq sharded under sequence or
+context parallelism), so receivers allocate buffers without a shape handshake. Adjacent comm actions of a plan are posted as one batch_isend_irecv; receives are
 waited at once (their data is needed next), sends are returned as pending handles the executor waits
 later (a send never blocks the plan: that is the semantics simulate.py proves plans deadlock-free under).
 Tags separate activations from gradients and name the receiving chunk (simulate.message_tag).
@@ -11,6 +12,7 @@ Tags separate activations from gradients and name the receiving chunk (simulate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,11 +28,28 @@ class PendingSend:
     tensor: torch.Tensor  # kept alive until the send completes
 
 
+def declared_activation(chunks: Sequence[torch.nn.Module], micro_batch_size: int
+                        ) -> tuple[tuple[int, ...], torch.dtype]:
+    """The (shape, dtype) every chunk of this rank declares for what crosses a stage boundary
+    (`pipeline_activation(micro_batch_size)`); they must agree: one buffer shape per run."""
+    specs = {(tuple(shape), dtype) for shape, dtype in (c.pipeline_activation(micro_batch_size) for c in chunks)}
+    assert len(specs) == 1, f"pipeline chunks declare different activations: {specs}"
+    return next(iter(specs))
+
+
 class PipelineP2P:
     def __init__(self, pp_ranks: tuple[int, ...], pp_rank: int, pp_group, shape: tuple[int, ...],
                  dtype: torch.dtype, device: torch.device):
         self.pp_ranks, self.pp_rank, self.group = pp_ranks, pp_rank, pp_group
-        self.shape, self.dtype, self.device = shape, dtype, device
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+
+    @classmethod
+    def for_chunks(cls, chunks: Sequence[torch.nn.Module], micro_batch_size: int, pp_ranks: tuple[int, ...],
+                   pp_rank: int, pp_group, device: torch.device) -> "PipelineP2P":
+        """Transfers shaped as the model chunks declare (declared_activation), so a model that shards
+        its activations (sequence / context parallelism) changes no caller."""
+        shape, dtype = declared_activation(chunks, micro_batch_size)
+        return cls(pp_ranks, pp_rank, pp_group, shape, dtype, device)
 
     def exchange(self, actions: list[Action], send_tensors: dict[Action, torch.Tensor]
                  ) -> tuple[dict[Action, torch.Tensor], list[PendingSend]]:
@@ -43,7 +62,8 @@ class PipelineP2P:
             tag = message_tag(a.kind, receiving_chunk(a, self.pp_rank, pp))
             if a.kind in (SEND_ACT, SEND_GRAD):
                 tensor = send_tensors[a].contiguous()
-                assert tuple(tensor.shape) == self.shape, (a, tuple(tensor.shape), self.shape)
+                assert tuple(tensor.shape) == self.shape and tensor.dtype == self.dtype, \
+                    (a, tuple(tensor.shape), tensor.dtype, "declared", self.shape, self.dtype)
                 ops.append(dist.P2POp(dist.isend, tensor, peer, self.group, tag))
                 pending.append(PendingSend(None, tensor))
             else:

@@ -33,7 +33,7 @@ from megazero.pipeline_parallel.schedules import build_plan
 from megazero.random import RNGStreams
 from megazero.topology import Topology, rank_to_coords
 from megazero.training.data_setup import ResolvedData, build_datasets
-from megazero.training.model_builder import DTYPES, build_model_chunks
+from megazero.training.model_builder import build_model_chunks
 from megazero.watchdog import context as run_context  # what a collective-timeout report names
 from megazero.zero.engine import ZeroEngine
 
@@ -96,10 +96,10 @@ class Trainer:
                                         pr.hysteresis, pr.min_loss_scale)
         self.consecutive_skips = 0
         self.optimizer_steps = 0  # successful steps: the lr schedule advances only on these (Megatron)
-        p2p = PipelineP2P(topo.pp_ranks, topo.pp_rank, topo.pp_group,
-                          (cfg.micro_batch_size(topo.world_size), m.seq_length, m.hidden_size),
-                          DTYPES[pr.params_dtype], device) if topo.pp > 1 else None
-        self.executor = PipelineExecutor(list(self.chunks), topo.pp_rank, topo.pp, p2p)
+        # stage-to-stage transfers shaped as the chunks declare (GPTModel.pipeline_activation)
+        p2p = PipelineP2P.for_chunks(list(self.chunks), cfg.micro_batch_size(topo.world_size), topo.pp_ranks,
+                                     topo.pp_rank, topo.pp_group, device) if topo.pp > 1 else None
+        self.executor = PipelineExecutor(list(self.chunks), topo.pp_rank, topo.pp, p2p, input_key="tokens")
         self.train_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches)
         self.eval_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches, forward_only=True)
         self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or t.train_iters,

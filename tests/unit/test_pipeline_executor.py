@@ -7,6 +7,9 @@ small MLPs (so only the schedule machinery is under test; the GPT is covered by 
 - activation memory: the most (microbatch, chunk) activations a rank stashes equals the schedule's
   in-flight bound (not the number of microbatches), and every sent output's storage is freed before
   its backward (Megatron's deallocation).
+- declared activations: chunks that declare a different stage-boundary shape and dtype (as a
+  sequence-sharded model would) and a different input key run through the same executor, shaped
+  by PipelineP2P.for_chunks, and still equal the sequential reference.
 """
 
 import pytest
@@ -51,6 +54,52 @@ def reference(pp: int, vp: int, m: int):
     return losses, {v: [p.grad.clone() for p in c.parameters()] for v, c in enumerate(chunks)}
 
 
+FLAT = (SHAPE[0] * SHAPE[1], SHAPE[2])  # what DeclaringChunk sends: [micro * seq, hidden] in float64
+
+
+class DeclaringChunk(nn.Module):
+    """Reads [b, s, h] (first stage) or [b * s, h]; sends [b * s, h] in float64, and says so."""
+
+    def __init__(self, v: int):
+        super().__init__()
+        self.body = make_chunk(v).double()
+
+    def forward(self, x):
+        return self.body(x).reshape(FLAT)
+
+    def pipeline_activation(self, micro_batch_size: int):
+        return (micro_batch_size * SHAPE[1], SHAPE[2]), torch.float64
+
+
+def declared_microbatches(m: int) -> list[dict]:
+    return [{"inputs": b["tokens"].double(), "labels": b["labels"].double().reshape(FLAT)} for b in microbatches(m)]
+
+
+def declared_reference(pp: int, vp: int, m: int):
+    chunks = [DeclaringChunk(v) for v in range(pp * vp)]
+    losses = []
+    for batch in declared_microbatches(m):
+        x = batch["inputs"]
+        for c in chunks[:-1]:
+            x = c(x)
+        loss = loss_fn(chunks[-1], x, batch)
+        (loss / m).backward()
+        losses.append(loss.item())
+    return losses, {v: [p.grad.clone() for p in c.parameters()] for v, c in enumerate(chunks)}
+
+
+def _run_declared(rank, world_size, pp, vp, m):
+    topo = Topology.build(GridShape(world_size, pp=pp), rank)
+    chunks = [DeclaringChunk(virtual_stage(topo.pp_rank, c, pp)) for c in range(vp)]
+    p2p = PipelineP2P.for_chunks(chunks, SHAPE[0], topo.pp_ranks, topo.pp_rank, topo.pp_group, torch.device("cpu"))
+    ex = PipelineExecutor(chunks, topo.pp_rank, pp, p2p, input_key="inputs")
+    losses = ex.run(build_plan(topo.pp_rank, pp, vp, m), declared_microbatches(m), loss_fn)
+    return {"pp_rank": topo.pp_rank, "losses": [l.item() for l in losses], "p2p": (p2p.shape, p2p.dtype),
+            "freed": ex.outputs_freed_before_backward,
+            "grads": {virtual_stage(topo.pp_rank, c, pp): [p.grad.clone() for p in ch.parameters()]
+                      for c, ch in enumerate(chunks)}}
+
+
 def _run_layouts(rank, world_size, layouts):
     results = {}
     for pp, vp, m in layouts:
@@ -75,6 +124,7 @@ def _run_layouts(rank, world_size, layouts):
         results[(pp, vp, m)]["eval_losses"] = [l.item() for l in eval_losses]
         results[(pp, vp, m)]["eval_grads_none"] = all(p.grad is None for ch in chunks for p in ch.parameters())
     results["p2p"] = _p2p_round_trip(rank, world_size)
+    results["declared"] = _run_declared(rank, world_size, *DECLARED)
     return results
 
 
@@ -102,6 +152,7 @@ def _p2p_round_trip(rank, world_size):
 
 
 LAYOUTS = [(4, 1, 4), (4, 1, 8), (4, 2, 4), (4, 2, 8), (2, 2, 2), (2, 1, 3)]
+DECLARED = (4, 2, 4)  # pp, vp, m
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +200,20 @@ def test_activation_memory_follows_schedule_bound(results, layout):
         assert got["freed"], "a sent output still held its storage at backward time"
     if layout == (4, 1, 8):  # stage 0 holds pp = 4 microbatches, not m = 8
         assert max(r[layout]["peak"] for r in results if r[layout]["pp_rank"] == 0) == 4
+
+
+def test_pipeline_carries_the_declared_activation_and_input_key(results):
+    ref_losses, ref_grads = declared_reference(*DECLARED)
+    seen = set()
+    for per_rank in results:
+        got = per_rank["declared"]
+        assert got["p2p"] == (FLAT, torch.float64)  # from the chunks, not a fixed [b, s, h]
+        assert got["freed"]
+        if got["pp_rank"] == DECLARED[0] - 1:
+            assert got["losses"] == pytest.approx(ref_losses, rel=1e-12)
+        for v, grads in got["grads"].items():
+            seen.add(v)
+            for g, ref in zip(grads, ref_grads[v]):
+                assert g.dtype == torch.float64
+                torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-14)
+    assert seen == set(range(DECLARED[0] * DECLARED[1]))
