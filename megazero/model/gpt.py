@@ -32,7 +32,7 @@ from megazero.model.norms import LayerNorm
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megazero.tensor_parallel.init import normal_init, set_init
-from megazero.tensor_parallel.sharding import get_shard_spec, set_shard_spec
+from megazero.tensor_parallel.sharding import ZeroUnit, get_shard_spec, set_shard_spec
 from megazero.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -149,6 +149,17 @@ class GPTModel(nn.Module):
         pipeline stage: [b, s, h], replicated over TP, in the model dtype. Sequence or context
         parallelism shards s here, and the pipeline carries it with no trainer change."""
         return (micro_batch_size, self.cfg.seq_length, self.cfg.hidden_size), self.activation_dtype
+
+    def zero_units(self) -> list[ZeroUnit]:
+        """ZeRO-3 gather units, forward order (zero/stage3.py, zero/engine.py): the word embedding alone
+        when it is shared across pipeline stages (ShardSpec.own_bucket: the same shard boundaries on
+        both ends), the rest of the chunk's non-block parameters, then each block (per-layer)."""
+        blocks = list(self.layers.values())
+        in_block = {id(p) for blk in blocks for p in blk.parameters()}
+        own = [p for p in self.parameters() if get_shard_spec(p).own_bucket]
+        rest = [p for p in self.parameters() if id(p) not in in_block and not get_shard_spec(p).own_bucket]
+        return ([ZeroUnit([p]) for p in own] + ([ZeroUnit(rest)] if rest else [])
+                + [ZeroUnit(list(blk.parameters()), blk) for blk in blocks])
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens) + self.position_embeddings[:tokens.shape[1]]  # [b, s, h]

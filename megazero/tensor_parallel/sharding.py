@@ -10,9 +10,10 @@ The model sets it where it makes a parameter (tensor_parallel/layers.py, model/g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 _ATTR = "megazero_shard"
 
@@ -58,6 +59,17 @@ class ShardSpec:
         if self.tp_dim is None:
             return full
         return full.narrow(self.tp_dim, self.offset, self.local_shape[self.tp_dim])
+
+
+@dataclass(frozen=True)
+class ZeroUnit:
+    """Parameters ZeRO-3 gathers together (one bucket), declared by the model (GPTModel.zero_units()).
+    `module` set: a per-layer unit, gathered around that module's forward and again for its backward,
+    released after each. None: a chunk-level unit, gathered at the chunk's first forward of a step and
+    kept until the step ends (used at both ends of the chunk)."""
+
+    params: list[nn.Parameter] = field(default_factory=list)
+    module: nn.Module | None = None
 
 
 def set_shard_spec(param: torch.Tensor, spec: ShardSpec) -> None:

@@ -23,53 +23,50 @@ from megazero.zero.grad_sync import GradSync
 from megazero.zero.layout import BufferLayout
 from megazero.zero.optimizer import StepResult, ZeroOptimizer, decays
 from megazero.zero.param_storage import ParamStorage
+from megazero.zero.stage import ZeroStage
 from megazero.zero.stage3 import Stage3Hooks
 
 
-def parameter_groups(chunks: list[nn.Module], stage: int) -> list[list[nn.Parameter]]:
-    """Forward-ordered groups for the layout: one per parameter (packed into size-bounded buckets) at
-    stages 0-2; at stage 3 one per unit (block / tied embedding / the rest of a chunk)."""
+def parameter_groups(chunks: list[nn.Module], stage: ZeroStage) -> list[list[nn.Parameter]]:
+    """Forward-ordered groups for the layout: one per parameter (packed into size-bounded buckets)
+    unless parameters are sharded; then one per gather unit the chunk declares (`zero_units()`: the
+    shared word embedding alone, the rest of the chunk, each block)."""
     groups: list[list[nn.Parameter]] = []
     for chunk in chunks:
-        if stage < 3:
+        if stage.gather_units:
+            groups += [unit.params for unit in chunk.zero_units()]
+        else:
             groups += [[p] for p in chunk.parameters()]
-            continue
-        blocks = list(chunk.layers.values()) if hasattr(chunk, "layers") else []
-        in_block = {id(p) for blk in blocks for p in blk.parameters()}
-        own = [p for p in chunk.parameters() if get_shard_spec(p).own_bucket]
-        rest = [p for p in chunk.parameters() if id(p) not in in_block and not get_shard_spec(p).own_bucket]
-        groups += [[p] for p in own]
-        if rest:
-            groups.append(rest)
-        groups += [list(blk.parameters()) for blk in blocks]
     return groups
 
 
 def build_layout(chunks: list[nn.Module], zero: ZeroConfig, dp: int) -> BufferLayout:
     """The flat ZeRO layout of these chunks (also what offline checkpoint writers must reproduce)."""
-    return BufferLayout(parameter_groups(chunks, zero.stage), dp, None if zero.stage == 3 else zero.reduce_bucket_size)
+    stage = ZeroStage.of(zero.stage)
+    return BufferLayout(parameter_groups(chunks, stage), dp, None if stage.gather_units else zero.reduce_bucket_size)
 
 
 class ZeroEngine:
     def __init__(self, chunks: list[nn.Module], topo: Topology, zero: ZeroConfig, opt: OptimizerConfig,
                  device: torch.device):
-        self.stage = zero.stage
+        self.stage = zero.stage  # the number (checkpoints record it); `policy` is what the code reads
+        stage = self.policy = ZeroStage.of(zero.stage)
         params = [p for c in chunks for p in c.parameters()]
         weight_decay = {id(p): decays(n, p) for c in chunks for n, p in c.named_parameters()}  # before ZeRO-3 storage
         self.layout = build_layout(chunks, zero, topo.dp)
         assert {id(p) for p in params} == set(self.layout.range_of), "every parameter is laid out once"
         tied = any(get_shard_spec(p).own_bucket for p in params)
-        self.storage = ParamStorage(self.layout, zero.stage, topo.dp_group, topo.dp_rank,
+        self.storage = ParamStorage(self.layout, stage, topo.dp_group, topo.dp_rank,
                                     offload=zero.offload_param == "cpu")
         grad_dtype = torch.float32 if zero.grad_reduce_dtype == "fp32" else params[0].dtype
-        self.grads = GradSync(self.layout, zero.stage, topo.dp_group, topo.dp_rank, device, zero.overlap_comm,
+        self.grads = GradSync(self.layout, stage, topo.dp_group, topo.dp_rank, device, zero.overlap_comm,
                               embedding_group=topo.embedding_group if tied else None, grad_dtype=grad_dtype)
-        self.optimizer = _build_optimizer(self.layout, self.grads, self.storage, weight_decay, opt, zero, topo)
+        self.optimizer = _build_optimizer(self.layout, self.grads, self.storage, weight_decay, opt, zero, stage, topo)
         self.stage3 = None  # (bench/comm_volume.py reads its block buckets)
-        if zero.stage == 3:
+        if stage.shards_parameters:
             self.stage3 = Stage3Hooks(chunks, self.layout, self.storage, zero.stage3_prefetch_layers)
-            self.grads.on_bucket_done = self.stage3.on_bucket_grads_done
-        elif zero.stage in (1, 2):
+            self.grads.register_bucket_done_hook(self.stage3.on_bucket_grads_done)
+        elif stage.flat_param_buffer:
             for chunk in chunks:  # the all-gather after a step overlaps everything until the next forward
                 chunk.register_forward_pre_hook(lambda module, args: self.storage.wait_gathers())
 
@@ -109,7 +106,7 @@ class ZeroEngine:
 
 
 def _build_optimizer(layout, grads, storage, weight_decay, opt: OptimizerConfig, zero: ZeroConfig,
-                     topo: Topology) -> ZeroOptimizer:
+                     stage: ZeroStage, topo: Topology) -> ZeroOptimizer:
     """The ZeRO optimizer; with NVMe offload a failure to create or preallocate the state files on any
     rank (unwritable path, full disk) becomes the same one-line ConfigError on every rank."""
     offload = None
@@ -118,13 +115,13 @@ def _build_optimizer(layout, grads, storage, weight_decay, opt: OptimizerConfig,
                    "nvme_path": zero.offload_nvme_path, "rank_tag": f"rank{topo.rank}"}
     error, optimizer = None, None
     try:
-        optimizer = ZeroOptimizer(layout, grads, storage, weight_decay, opt, stage=zero.stage, dp_rank=topo.dp_rank,
+        optimizer = ZeroOptimizer(layout, grads, storage, weight_decay, opt, stage=stage, dp_rank=topo.dp_rank,
                                   tp_rank=topo.tp_rank, dp_group=topo.dp_group, model_group=topo.model_group,
                                   offload=offload)
     except OSError as err:
         if zero.offload_optimizer != "nvme":
             raise
-        need = 12 * sum(f.numel for f in layout.fragments_of_rank(topo.dp_rank, whole=zero.stage == 0))
+        need = 12 * sum(f.numel for f in layout.fragments_of_rank(topo.dp_rank, whole=stage.owns_whole_buffer))
         error = (f"--offload-nvme-path {zero.offload_nvme_path}: cannot create the optimizer-state files of rank "
                  f"{topo.rank} ({need / 2**20:.1f} MiB): {err.strerror or err}; free space there or choose "
                  f"another path")

@@ -17,24 +17,31 @@ one (docs/architecture.md, "ZeRO"). fp32 parameters whose full buffer exists (st
 buffer itself as `.grad`, so autograd accumulates in place; otherwise the hook adds `.grad` (any
 dtype) into the gradient storage and drops it. Storage is fp32 unless grad_dtype says otherwise
 (--grad-reduce-dtype model). Averaging over dp happens after the sum.
+
+Listeners register explicitly: `register_bucket_done_hook(fn)` (fn(bucket) once a microbatch's
+gradients of a bucket are all in: ZeRO-3 releases the unit) and `register_bucket_reduced_hook(fn)`
+(fn(bucket) once its reduced gradient for the step is final: CPU offload copies it to the host).
 """
 
 from __future__ import annotations
 
 import torch
 
+from collections.abc import Callable
+
 from megazero import comm
 from megazero.tensor_parallel.sharding import get_shard_spec
 from megazero.zero.layout import Bucket, BufferLayout, Fragment
+from megazero.zero.stage import ZeroStage
 
 
 class GradSync:
-    def __init__(self, layout: BufferLayout, stage: int, dp_group, dp_rank: int, device: torch.device,
+    def __init__(self, layout: BufferLayout, stage: ZeroStage, dp_group, dp_rank: int, device: torch.device,
                  overlap: bool = True, embedding_group=None, grad_dtype: torch.dtype = torch.float32):
         self.layout, self.stage, self.dp_group, self.dp_rank = layout, stage, dp_group, dp_rank
         self.dp = comm.group_size(dp_group)
         self.overlap, self.embedding_group = overlap, embedding_group
-        self.full = stage <= 1
+        self.full = stage.full_grad_buffer
         self.dtype, self.device = grad_dtype, device
         self.params = [p for b in layout.buckets for p in b.params]
         if self.full:
@@ -54,13 +61,20 @@ class GradSync:
         # (bucket, collective handle, reduce-scatter output, input kept alive until the handle completes)
         self._pending: list[tuple[Bucket, object, torch.Tensor | None, torch.Tensor | None]] = []
         self.num_microbatches = 1
-        self.on_bucket_done = None  # called with a bucket index when a microbatch's grads of it are all in
-        # called with a bucket index once its reduced gradient for the step is final (offload copies it)
-        self.on_bucket_reduced = None
+        self._bucket_done_hooks: list[Callable[[int], None]] = []
+        self._bucket_reduced_hooks: list[Callable[[int], None]] = []
         self._reductions = [0] * len(layout.buckets)
-        self._reported: set[int] = set()  # buckets handed to on_bucket_reduced this step
+        self._reported: set[int] = set()  # buckets handed to the bucket-reduced hooks this step
         self._tied = {b.index for b in layout.buckets if any(get_shard_spec(p).own_bucket for p in b.params)}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def register_bucket_done_hook(self, fn: Callable[[int], None]) -> None:
+        """fn(bucket) each time every gradient of that bucket for the current microbatch is in."""
+        self._bucket_done_hooks.append(fn)
+
+    def register_bucket_reduced_hook(self, fn: Callable[[int], None]) -> None:
+        """fn(bucket) once per step, when the bucket's reduced gradient (this rank's region) is final."""
+        self._bucket_reduced_hooks.append(fn)
 
     def _view(self, p: torch.Tensor) -> torch.Tensor:
         lo, hi = self.layout.range_of[id(p)]
@@ -98,8 +112,9 @@ class GradSync:
             staging[lo - b.start:hi - b.start].add_(p.grad.reshape(-1))
             p.grad = None
         self._count[b.index] += 1
-        if self.on_bucket_done is not None and self._count[b.index] % len(b.params) == 0:
-            self.on_bucket_done(b.index)
+        if self._bucket_done_hooks and self._count[b.index] % len(b.params) == 0:
+            for fn in self._bucket_done_hooks:
+                fn(b.index)
         per_launch = len(b.params) * (self.num_microbatches if self.full else 1)
         if self.overlap and self._count[b.index] % per_launch == 0:
             self._launch(b)
@@ -116,9 +131,9 @@ class GradSync:
         if work is not None:
             work.wait()
         lo, hi = b.shard(self.dp_rank, self.dp)
-        if self.stage == 0:
+        if self.stage.owns_whole_buffer:
             self.buffer[b.start:b.end].div_(self.dp)
-        elif self.stage == 1:
+        elif self.full:
             self.buffer[lo:hi].copy_(out).div_(self.dp)
         else:
             self.shards[b.index].add_(out, alpha=1.0 / self.dp)
@@ -145,7 +160,7 @@ class GradSync:
                 return
             self._launched[b.index] = True
             region = self.buffer[b.start:b.end]
-            if self.stage == 0:
+            if self.stage.owns_whole_buffer:
                 self._pending.append((b, comm.all_reduce_async(region, self.dp_group), None, None))
             else:
                 out = torch.empty(b.numel // self.dp, dtype=region.dtype, device=region.device)
@@ -174,14 +189,15 @@ class GradSync:
             self._report(b.index)
 
     def _report(self, bucket: int) -> None:
-        if self.on_bucket_reduced is not None and bucket not in self._reported:
+        if self._bucket_reduced_hooks and bucket not in self._reported:
             self._reported.add(bucket)
-            self.on_bucket_reduced(bucket)
+            for fn in self._bucket_reduced_hooks:
+                fn(bucket)
 
     # ----- what the optimizer reads ----------------------------------------------------------------
     def owned_bucket_grad(self, b: Bucket) -> torch.Tensor:
         """This rank's reduced gradient region of bucket b (whole bucket at stage 0, else its shard)."""
-        if self.stage == 0:
+        if self.stage.owns_whole_buffer:
             return self.buffer[b.start:b.end]
         if self.full:
             lo, hi = b.shard(self.dp_rank, self.dp)
@@ -190,7 +206,7 @@ class GradSync:
 
     def fragment_grad(self, f: Fragment) -> torch.Tensor:
         b = self.layout.buckets[f.bucket]
-        region_start = b.start if self.stage == 0 else b.shard(self.dp_rank, self.dp)[0]
+        region_start = b.start if self.stage.owns_whole_buffer else b.shard(self.dp_rank, self.dp)[0]
         return self.owned_bucket_grad(b)[f.buffer_lo - region_start:f.buffer_hi - region_start]
 
     def nbytes(self) -> int:

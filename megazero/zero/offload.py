@@ -10,7 +10,7 @@ exp_avg_sq (also the byte layout of its NVMe file, padded to 4 KiB).
 One step (after the ZeRO optimizer has checked overflow and computed the clip coefficient):
 
     cpu:  gradients were copied to host (fp32) bucket by bucket as each bucket's reduction
-          completed (GradSync.on_bucket_reduced), overlapping the rest of backward
+          completed (GradSync.register_bucket_reduced_hook), overlapping the rest of backward
           for each sub-group: CPU Adam (unscale x clip folded into grad_scale; writes the bf16/fp16
           copy when the model is low precision) -> copy updated values to the device
     nvme: two slots ("double buffering"): while sub-group i is stepped in one slot, sub-group i+1 is

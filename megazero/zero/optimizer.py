@@ -29,6 +29,7 @@ from megazero.zero.grad_sync import GradSync
 from megazero.zero.layout import BufferLayout
 from megazero.zero.offload import OffloadedAdam
 from megazero.zero.param_storage import ParamStorage
+from megazero.zero.stage import ZeroStage
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,13 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 class ZeroOptimizer:
     def __init__(self, layout: BufferLayout, grads: GradSync, storage: ParamStorage, weight_decay: dict[int, bool],
-                 cfg: OptimizerConfig, *, stage: int, dp_rank: int, tp_rank: int, dp_group, model_group,
+                 cfg: OptimizerConfig, *, stage: ZeroStage, dp_rank: int, tp_rank: int, dp_group, model_group,
                  offload: dict | None = None):
         """weight_decay: id(param) -> whether AdamW decays it (see `decays`). offload: None, or
         OffloadedAdam's keyword arguments mode / sub_group_size / nvme_path / rank_tag."""
         self.grads, self.storage, self.stage = grads, storage, stage
         self.dp_group, self.model_group = dp_group, model_group
-        self.fragments = layout.fragments_of_rank(dp_rank, whole=stage == 0)
+        self.fragments = layout.fragments_of_rank(dp_rank, whole=stage.owns_whole_buffer)
         self.device = grads.device
         self.values = [storage.owned_values(f) for f in self.fragments]
         # views into the gradient storage, which is allocated once and zeroed in place every step
@@ -70,7 +71,7 @@ class ZeroOptimizer:
                 self._fragments_of_bucket: dict[int, list[int]] = {}
                 for i, f in enumerate(self.fragments):
                     self._fragments_of_bucket.setdefault(f.bucket, []).append(i)
-                grads.on_bucket_reduced = self._bucket_reduced
+                grads.register_bucket_reduced_hook(self._bucket_reduced)
             return
         # fp32 models step their stored values in place; others keep fp32 master copies
         self.masters = [torch.nn.Parameter(v if v.dtype == torch.float32 else v.detach().float().clone())
@@ -94,7 +95,7 @@ class ZeroOptimizer:
     def _sum_over_ranks(self, value: torch.Tensor, op: str) -> torch.Tensor:
         # Shards are distinct over dp; at stage 0 every dp replica holds the same reduced gradient
         # (an inf anywhere reached every replica through the all-reduce), so tp x pp suffices.
-        if self.stage > 0:
+        if self.stage.shards_optimizer_state:
             comm.all_reduce_(value, self.dp_group, op=op)
         comm.all_reduce_(value, self.model_group, op=op)
         return value

@@ -22,11 +22,12 @@ import torch
 from megazero import comm
 from megazero.tensor_parallel.sharding import get_shard_spec, set_shard_spec
 from megazero.zero.layout import BufferLayout, Fragment
+from megazero.zero.stage import ZeroStage
 
 
 class ParamStorage:
-    def __init__(self, layout: BufferLayout, stage: int, dp_group, dp_rank: int, offload: bool = False):
-        assert not offload or stage == 3, "parameter offload is a stage-3 feature"
+    def __init__(self, layout: BufferLayout, stage: ZeroStage, dp_group, dp_rank: int, offload: bool = False):
+        assert not offload or stage.shards_parameters, "parameter offload is a stage-3 feature"
         self.layout, self.stage, self.dp_group, self.dp_rank = layout, stage, dp_group, dp_rank
         self.dp = comm.group_size(dp_group)
         params = [p for b in layout.buckets for p in b.params]
@@ -38,13 +39,13 @@ class ParamStorage:
         self._gathers: list = []  # stage 1/2: (handle, shard copy kept alive)
         self._inflight: dict[int, tuple] = {}  # stage 3: bucket -> (handle, full buffer, input shard)
         self.gathered: set[int] = set()
-        if stage in (1, 2):
+        if stage.flat_param_buffer:
             self.buffer = torch.zeros(layout.numel, dtype=self.dtype, device=device)
             for p in params:
                 view = self._view(p)
                 view.copy_(p.data)
                 p.data = view
-        elif stage == 3:
+        elif stage.shards_parameters:
             self.shapes = {id(p): p.shape for p in params}
             for p in params:  # the global shape must outlive the storage swap (checkpoints, norms read it)
                 set_shard_spec(p, get_shard_spec(p))
@@ -67,10 +68,10 @@ class ParamStorage:
 
     def owned_values(self, f: Fragment) -> torch.Tensor:
         """The current values of a fragment this rank owns (a view: writing it updates storage)."""
-        if self.stage == 0:
-            return f.param.data.view(-1)[f.param_lo:f.param_hi]
-        if self.stage in (1, 2):
+        if self.stage.flat_param_buffer:
             return self.buffer[f.buffer_lo:f.buffer_hi]
+        if not self.stage.shards_parameters:  # stage 0: the parameters' own tensors
+            return f.param.data.view(-1)[f.param_lo:f.param_hi]
         b = self.layout.buckets[f.bucket]
         shard_start = b.shard(self.dp_rank, self.dp)[0]
         return self.shards[b.index][f.buffer_lo - shard_start:f.buffer_hi - shard_start]
@@ -78,7 +79,7 @@ class ParamStorage:
     # ----- stages 1 and 2 -------------------------------------------------------------------------
     def after_step(self) -> None:
         """Stages 1/2: start gathering every rank's updated shard into the full buffer."""
-        if self.stage not in (1, 2):
+        if not self.stage.flat_param_buffer:
             return
         for b in self.layout.buckets:
             lo, hi = b.shard(self.dp_rank, self.dp)
@@ -122,7 +123,7 @@ class ParamStorage:
     def release_all(self) -> None:
         """End of step / evaluation: free every gathered unit and drop prefetches still in flight
         (their values would be stale after the optimizer step)."""
-        if self.stage != 3:
+        if not self.stage.shards_parameters:
             return
         for handle, _, _ in self._inflight.values():
             if handle is not None:
@@ -135,8 +136,8 @@ class ParamStorage:
         """Bytes of parameter storage this rank holds between steps on its device."""
         if self.offload and self.device.type != "cpu":
             return 0
-        if self.stage in (1, 2):
+        if self.stage.flat_param_buffer:
             return self.buffer.numel() * self.buffer.element_size()
-        if self.stage == 3:
+        if self.stage.shards_parameters:
             return sum(t.numel() * t.element_size() for t in self.shards.values())
         return sum(p.numel() * p.element_size() for b in self.layout.buckets for p in b.params)

@@ -1,7 +1,8 @@
 """ZeRO stage 3: gather a unit's parameters just before it runs, release them right after.
 
-Units (one bucket each, layout.py): every transformer block, the tied word embedding, and the rest of
-a chunk (position embeddings, final LayerNorm). Blocks are gathered in a forward pre-hook and released
+Units (one bucket each, layout.py) are what the chunk declares (`zero_units()`, a list of
+tensor_parallel.sharding.ZeroUnit): every transformer block (per-layer), the word embedding shared
+across pipeline stages, and the rest of a chunk (position embeddings, final LayerNorm). Blocks are gathered in a forward pre-hook and released
 in the forward post-hook; a hook on the block's output gradient gathers them again just before the
 block's backward, and they are released once all of the block's gradients of that microbatch have
 been accumulated (GradSync calls back). The next block (forward) or previous block (backward) is
@@ -24,10 +25,10 @@ class Stage3Hooks:
         self.block_buckets: list[list[int]] = []  # per chunk: bucket of each block, forward order
         self._handles = []
         for chunk in chunks:
-            blocks = list(chunk.layers.values()) if hasattr(chunk, "layers") else []
-            block_params = {id(p) for blk in blocks for p in blk.parameters()}
-            rest = sorted({layout.bucket_of[id(p)] for p in chunk.parameters() if id(p) not in block_params})
-            order = [layout.bucket_of[id(next(blk.parameters()))] for blk in blocks]
+            units = chunk.zero_units()  # the model's declaration (GPTModel.zero_units)
+            blocks = [u.module for u in units if u.module is not None]
+            rest = sorted({layout.bucket_of[id(p)] for u in units if u.module is None for p in u.params})
+            order = [layout.bucket_of[id(u.params[0])] for u in units if u.module is not None]
             self.block_buckets.append(order)
             self._handles.append(chunk.register_forward_pre_hook(self._gather_all(rest)))
             for i, blk in enumerate(blocks):

@@ -17,8 +17,10 @@ from torch import nn
 
 from megazero.config import OptimizerConfig, ZeroConfig
 from megazero.optim.loss_scaler import DynamicLossScaler
+from megazero.tensor_parallel.sharding import ZeroUnit
 from megazero.topology import GridShape, Topology
 from megazero.zero.engine import ZeroEngine
+from megazero.zero.stage import ZeroStage
 from tests.dist_utils import run_distributed
 
 OPT = OptimizerConfig(lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=0.5)
@@ -36,9 +38,9 @@ class Block(nn.Module):
 
 
 class TinyModel(nn.Module):
-    """Has `layers` (stage-3 units) and non-block parameters, like a GPT chunk. Its forward takes the
-    gradient each parameter should receive; running through module forwards keeps ZeRO-3's gather /
-    release hooks in the loop."""
+    """Has blocks (its zero_units() declares them as stage-3 units) and non-block parameters, like a
+    GPT chunk. Its forward takes the gradient each parameter should receive; running through module
+    forwards keeps ZeRO-3's gather / release hooks in the loop."""
 
     def __init__(self):
         super().__init__()
@@ -46,6 +48,13 @@ class TinyModel(nn.Module):
         self.inp = nn.Linear(5, 12)
         self.layers = nn.ModuleDict({str(i): Block() for i in range(3)})
         self.out = nn.Linear(12, 3)
+
+    def zero_units(self) -> list[ZeroUnit]:
+        """The ZeRO-3 contract (as GPTModel.zero_units): the non-block parameters, then each block."""
+        blocks = list(self.layers.values())
+        in_block = {id(p) for blk in blocks for p in blk.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in in_block]
+        return [ZeroUnit(rest)] + [ZeroUnit(list(blk.parameters()), blk) for blk in blocks]
 
     def forward(self, grads):
         ends = [self.inp.weight, self.inp.bias]
@@ -215,3 +224,38 @@ def test_dynamic_scaler_growth_and_hysteresis():
     t.load_state_dict(state)
     assert t.state_dict() == state
     assert math.isclose(DynamicLossScaler(initial_scale=8.0, window=1).scale, 8.0)
+
+
+def test_zero_stage_policy():
+    """What each stage shards, and the facts the zero/ modules read instead of stage numbers."""
+    facts = [(s.shards_optimizer_state, s.shards_gradients, s.shards_parameters, s.full_grad_buffer,
+              s.flat_param_buffer, s.owns_whole_buffer, s.gather_units) for s in map(ZeroStage.of, range(4))]
+    assert facts == [(False, False, False, True, False, True, False),
+                     (True, False, False, True, True, False, False),
+                     (True, True, False, False, True, False, False),
+                     (True, True, True, False, False, False, True)]
+
+
+def test_gpt_declares_its_zero_units_and_the_shared_embedding():
+    """The model/ZeRO contract: a pipelined chunk's word embedding is its own unit (ShardSpec.own_bucket;
+    tied_copy on the last stage), then the rest of the chunk, then one unit per block; unpipelined, the
+    embedding is part of the rest."""
+    from megazero.checkpoint.api import build_gpt, single_process_group
+    from megazero.config import ModelConfig
+    from megazero.tensor_parallel.sharding import get_shard_spec
+
+    cfg = ModelConfig(num_layers=4, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=50)
+    with single_process_group() as group:
+        first = build_gpt(cfg, group, layer_range=range(0, 2), pre_process=True, post_process=False, device="meta")
+        last = build_gpt(cfg, group, layer_range=range(2, 4), pre_process=False, post_process=True, device="meta")
+        whole = build_gpt(cfg, group, device="meta")
+    for chunk, tied_copy in ((first, False), (last, True)):
+        units = chunk.zero_units()
+        emb = chunk.word_embeddings.weight
+        assert units[0].params == [emb] and units[0].module is None
+        assert get_shard_spec(emb).own_bucket and get_shard_spec(emb).tied_copy == tied_copy
+        assert [u.module for u in units[2:]] == list(chunk.layers.values())
+        assert sorted(map(id, (p for u in units for p in u.params))) == sorted(map(id, chunk.parameters()))
+    units = whole.zero_units()
+    assert not get_shard_spec(whole.word_embeddings.weight).own_bucket and len(units) == 1 + 4
+    assert any(p is whole.word_embeddings.weight for p in units[0].params)
