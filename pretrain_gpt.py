@@ -4,7 +4,9 @@
     torchrun --nproc-per-node 4 pretrain_gpt.py --tp 2      # 2-way tensor x 2-way data parallel
 
 Flags follow Megatron-LM (`python pretrain_gpt.py --help`). Bad input ends with one line on stderr
-(printed by rank 0) and exit code 2, before any process group or file is created.
+(printed by rank 0) and exit code 2, before any process group or file is created. A collective that
+times out (--distributed-timeout-minutes) or loses its peer ends the job with one message and exit
+code 3 or 4 (docs/failures.md).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from megazero.cli import parse_args  # noqa: E402
 from megazero.config import RunConfig  # noqa: E402
 from megazero.distributed import (LaunchEnv, RankPrinter, device_for, fail, init_process_group,  # noqa: E402
                                   resolve_backend, teardown)
-from megazero.errors import ConfigError  # noqa: E402
+from megazero.errors import CollectiveError, ConfigError  # noqa: E402
 from megazero.validation import validate  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
@@ -164,7 +166,7 @@ def run(argv: list[str] | None = None) -> dict:
     from megazero.topology import GridShape, Topology
     from megazero.training.trainer import Trainer
 
-    init_process_group(env, backend)
+    init_process_group(env, backend, cfg.parallel.distributed_timeout_minutes)
     lock = None
     try:
         topo = Topology.build(GridShape(env.world_size, cfg.parallel.tensor_model_parallel_size,
@@ -213,8 +215,16 @@ def run(argv: list[str] | None = None) -> dict:
 
 @record  # under torchrun, an unexpected exception's traceback becomes the failure summary's root cause
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point (`megazero-pretrain-gpt`): exit code 0 on success."""
-    run(argv)
+    """Console entry point (`megazero-pretrain-gpt`): exit code 0 on success. A collective that timed
+    out or lost its peer (a rank stopped, hung or killed) ends the job with one message, printed by the
+    first rank to fail, and exit code 3 (timeout) or 4 (peer lost) on every failing rank
+    (watchdog.exit_on_collective_error; docs/failures.md)."""
+    try:
+        run(argv)
+    except CollectiveError as err:
+        from megazero.watchdog import exit_on_collective_error
+
+        exit_on_collective_error(err)
     return 0
 
 
