@@ -25,12 +25,12 @@ from megazero.config import RunConfig
 from megazero.data import build_data_iterator
 from megazero.monitor import TrainingMonitor
 from megazero.optim import LRSchedule
-from megazero.optim.grad_norm import counts_toward_norm
 from megazero.optim.loss_scaler import build_loss_scaler
 from megazero.pipeline_parallel.executor import Microbatch, PipelineExecutor
 from megazero.pipeline_parallel.p2p import PipelineP2P
 from megazero.pipeline_parallel.schedules import build_plan
 from megazero.random import RNGStreams
+from megazero.tensor_parallel.sharding import counts_toward_norm
 from megazero.topology import Topology, rank_to_coords
 from megazero.training.data_setup import ResolvedData, build_datasets
 from megazero.training.model_builder import build_model_chunks
