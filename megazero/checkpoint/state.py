@@ -1,4 +1,7 @@
-"""Saving a running Trainer into the checkpoint format (format.py) and loading one into any layout.
+"""Saving a running training into the checkpoint format (format.py) and loading one into any layout.
+
+What is saved is a CheckpointSubject the trainer hands over: its TrainState (counters, loss scaler, RNG
+streams), its ZeroEngine (export_state / import_state), the model chunks (names), topology and config.
 
 Save: every rank writes the pieces it owns (its tensor-parallel region x its ZeRO fragment of each
 parameter: model values, fp32 masters, Adam moments), skipping copies another rank writes (TP-
@@ -10,7 +13,8 @@ happens) is one CheckpointSaveError on every rank, the partial folder removed, `
 
 Load: every rank reads, for each fragment it owns in *its* layout, the tensor-parallel region of the
 global tensor and keeps its flat range; stages 1-2 then all-gather the parameter buffer as after a
-step. Trainer counters, loss scaler and (same tp/pp/vp only) RNG streams are restored too.
+step (ZeroEngine.import_state). The TrainState's counters, loss scaler and (same tp/pp/vp only) RNG
+streams are restored too.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +35,10 @@ from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, Chec
                                         commit, iteration_dirname, partial_dir, prepare_partial, rank_filename,
                                         sha256_of, write_rank_file)
 from megazero.optim.grad_norm import counts_toward_norm
+from megazero.optim.train_state import TrainState
 from megazero.tensor_parallel.sharding import ShardSpec, get_shard_spec
+from megazero.topology import Topology
+from megazero.zero.engine import ZeroEngine
 
 # model fields that must agree between a checkpoint and the run loading it
 # (the sequence length may change between runs, up to max positions)
@@ -62,8 +70,21 @@ def writes_fragment(param, tp_rank: int, dp_rank: int, stage: int) -> bool:
     return counts_toward_norm(param, tp_rank) and (stage > 0 or dp_rank == 0)
 
 
-def _param_names(trainer) -> dict[int, str]:
-    return {id(p): name for chunk in trainer.chunks for name, p in chunk.named_parameters()}
+@dataclass
+class CheckpointSubject:
+    """What a checkpoint saves and restores, as the trainer hands it over (Trainer.checkpoint_subject()):
+    the loop's TrainState, the ZeRO engine (export_state / import_state), the model chunks (parameter
+    names), the topology and the config; checkpoint code reads nothing else of the trainer."""
+    state: TrainState
+    engine: ZeroEngine
+    chunks: list  # this rank's model chunks (nn.Module), for the parameters' global names
+    topo: Topology
+    cfg: object  # the RunConfig
+    tokenizer_model: Path | str | None = None  # copied into the checkpoint (Hugging Face export)
+
+
+def _param_names(subject: CheckpointSubject) -> dict[int, str]:
+    return {id(p): name for chunk in subject.chunks for name, p in chunk.named_parameters()}
 
 
 def layout_dict(cfg, dp: int) -> dict:
@@ -100,39 +121,38 @@ def _free(save: Path) -> int | None:
         return None
 
 
-def _raise_first(trainer, errors: list[str | None], save: Path, iteration: int) -> None:
+def _raise_first(subject: CheckpointSubject, errors: list[str | None], save: Path, iteration: int) -> None:
     """Every rank's errors of one phase of a save (gathered): if any, rank 0 removes the partial folder
     and every rank raises the first one."""
     first = next((e for e in errors if e), None)
     if first is not None:
-        if trainer.topo.rank == 0:
+        if subject.topo.rank == 0:
             shutil.rmtree(partial_dir(save, iteration), ignore_errors=True)
         raise CheckpointSaveError(first)
 
 
-def _agree(trainer, error: str | None, save: Path, iteration: int) -> None:
+def _agree(subject: CheckpointSubject, error: str | None, save: Path, iteration: int) -> None:
     """Collective (also the barrier between the phases of a save): _raise_first over all ranks' errors."""
-    _raise_first(trainer, comm.all_gather_object(error, trainer.topo.world_group), save, iteration)
+    _raise_first(subject, comm.all_gather_object(error, subject.topo.world_group), save, iteration)
 
 
 @torch.no_grad()
-def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> dict:
+def save_checkpoint(subject: CheckpointSubject, save: str | Path, keep_last: int | None = None) -> dict:
     """Collective over all ranks. Returns {"path", "seconds", "bytes" (the whole checkpoint's files)}.
     A write that fails on any rank (a full disk, ...) is a CheckpointSaveError on every rank, naming the
     folder and the space the checkpoint needs; nothing of it is left and `latest` is unchanged."""
     t0 = time.perf_counter()
     save = Path(save)
-    topo, zero = trainer.topo, trainer.zero
-    opt = zero.optimizer
-    zero.wait()
-    iteration = trainer.iteration
-    names = _param_names(trainer)
+    topo, engine = subject.topo, subject.engine
+    exported = engine.export_state()  # collectives finished first
+    iteration = subject.state.iteration
+    names = _param_names(subject)
     tensors: dict[str, torch.Tensor] = {}
     entries: list[tuple[str, list[int], str, dict]] = []  # (kind/name, logical shape, dtype, piece json)
     fname = rank_filename(topo.rank)
-    for (master, exp_avg, exp_avg_sq), f, value in zip(opt.export_state(), opt.fragments, opt.values):
+    for (master, exp_avg, exp_avg_sq), f, value in zip(exported["state"], exported["fragments"], exported["values"]):
         spec = get_shard_spec(f.param)
-        if not writes_fragment(f.param, topo.tp_rank, topo.dp_rank, zero.stage):
+        if not writes_fragment(f.param, topo.tp_rank, topo.dp_rank, engine.stage):
             continue
         name = names[id(f.param)]
         start, stop = _region(spec)
@@ -146,14 +166,14 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
                             piece.to_json()))
     rng = None
     if topo.dp_rank == 0:
-        state = trainer.rng.state_dict()
+        state = subject.state.rng.state_dict()
         prefix = f"rng/pp{topo.pp_rank}.tp{topo.tp_rank}"
         for stream, t in state["streams"].items():
             tensors[f"{prefix}/{stream}"] = t
         tensors[f"{prefix}/ambient"] = state["ambient"]
         rng = {"file": fname, "prefix": prefix, "streams": sorted(state["streams"])}
     # What the checkpoint will take: the tensors, a safetensors header per file, the index, the tokenizer.
-    tokenizer = getattr(trainer, "tokenizer_model", None)
+    tokenizer = subject.tokenizer_model
     tokenizer = Path(tokenizer) if tokenizer is not None and Path(tokenizer).is_file() else None
     mine = sum(t.numel() * t.element_size() for t in tensors.values()) + 160 * len(tensors)
     need = sum(comm.all_gather_object(mine, topo.world_group)) + 400 * len(entries) * topo.world_size + 2**16 \
@@ -177,7 +197,7 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
                 shutil.copyfile(tokenizer, partial_dir(save, iteration) / "tokenizer.model")
         except OSError as err:
             error = failed(_reason(err))
-    _agree(trainer, error, save, iteration)
+    _agree(subject, error, save, iteration)
     folder = partial_dir(save, iteration)
     file_meta, error = None, None
     if tensors:
@@ -187,14 +207,14 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
             error = failed(f"{_reason(err)} writing {folder / fname}")
     everyone = comm.all_gather_object((error, file_meta, entries, rng, (topo.pp_rank, topo.tp_rank)),
                                       topo.world_group)
-    _raise_first(trainer, [e for e, *_ in everyone], save, iteration)
+    _raise_first(subject, [e for e, *_ in everyone], save, iteration)
     total = sum(meta["bytes"] for _, meta, *_ in everyone if meta is not None)
     path, error = save / iteration_dirname(iteration), None
     if topo.rank == 0:
         index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "megazero_version": megazero.__version__,
-                 "iteration": iteration, "layout": layout_dict(trainer.cfg, trainer.topo.dp),
-                 "config": trainer.cfg.to_dict(),
-                 "state": trainer_state(trainer), "tensors": {}, "files": {}, "rng": {}}
+                 "iteration": iteration, "layout": layout_dict(subject.cfg, topo.dp),
+                 "config": subject.cfg.to_dict(),
+                 "state": subject.state.to_index(exported["step_count"]), "tensors": {}, "files": {}, "rng": {}}
         tokenizer_copy = folder / "tokenizer.model"
         if tokenizer_copy.is_file():
             index["files"][tokenizer_copy.name] = {"sha256": sha256_of(tokenizer_copy),
@@ -211,14 +231,8 @@ def save_checkpoint(trainer, save: str | Path, keep_last: int | None = None) -> 
             path = commit(save, iteration, index, keep_last)
         except OSError as err:
             error = failed(f"{_reason(err)} committing it")
-    _agree(trainer, error, save, iteration)
+    _agree(subject, error, save, iteration)
     return {"path": path, "seconds": time.perf_counter() - t0, "bytes": total}
-
-
-def trainer_state(trainer) -> dict:
-    return {"iteration": trainer.iteration, "consumed_samples": trainer.consumed_samples,
-            "optimizer_steps": trainer.optimizer_steps, "consecutive_skips": trainer.consecutive_skips,
-            "adam_steps": trainer.zero.optimizer.step_count(), "loss_scaler": trainer.scaler.state_dict()}
 
 
 # ----- load ----------------------------------------------------------------------------------------------
@@ -236,39 +250,28 @@ def check_model_shape(index: dict, cfg, where: Path) -> None:
 
 
 @torch.no_grad()
-def load_checkpoint(trainer, folder: Path, *, load_optim: bool = True, load_rng: bool = True,
+def load_checkpoint(subject: CheckpointSubject, folder: Path, *, load_optim: bool = True, load_rng: bool = True,
                     finetune: bool = False, log=print) -> dict:
-    """Collective over all ranks: restore `trainer` from a committed checkpoint folder (iter_N). Every
+    """Collective over all ranks: restore `subject` (its TrainState and ZeRO engine) from a committed checkpoint folder (iter_N). Every
     rank first reads what it needs; a bad file on any rank is the same CheckpointError on all ranks,
     before anything is changed."""
     t0 = time.perf_counter()
     with_optim, with_rng = load_optim and not finetune, load_rng and not finetune
     error, plan = None, None
     try:
-        plan = _read_for_this_rank(trainer, Path(folder), with_optim, with_rng)
+        plan = _read_for_this_rank(subject, Path(folder), with_optim, with_rng)
     except CheckpointError as err:
         error = str(err)
-    errors = [e for e in comm.all_gather_object(error, trainer.topo.world_group) if e]
+    errors = [e for e in comm.all_gather_object(error, subject.topo.world_group) if e]
     if errors:
         raise CheckpointError(errors[0])
     index, values, masters, exp_avgs, exp_avg_sqs, rng = plan
-    zero, state = trainer.zero, index["state"]
-    opt = zero.optimizer
-    zero.wait()
-    for value, v in zip(opt.values, values):
-        value.copy_(v)
-    opt.import_state(masters, exp_avgs, exp_avg_sqs, state["adam_steps"] if with_optim else 0)
-    zero.storage.after_step()  # stages 1-2: every rank's loaded shard into the full parameter buffer
-    zero.wait()
+    state = index["state"]
+    subject.engine.import_state(values, masters, exp_avgs, exp_avg_sqs, state["adam_steps"] if with_optim else 0)
     if not finetune:
-        trainer.iteration = state["iteration"]
-        trainer.consumed_samples = state["consumed_samples"]
-        trainer.optimizer_steps = state["optimizer_steps"]
-        trainer.consecutive_skips = state["consecutive_skips"]
-        if with_optim:
-            trainer.scaler.load_state_dict(state["loss_scaler"])
+        subject.state.restore(state, loss_scaler=with_optim)
     if rng is not None:
-        trainer.rng.load_state_dict(rng)
+        subject.state.rng.load_state_dict(rng)
     saved = index["layout"]
     rng_note = ("restored" if rng is not None else "not restored (--no-load-rng / --finetune)" if not with_rng
                 else "not restored: tp/pp/vp changed (or the checkpoint was resharded offline), streams keep this "
@@ -281,17 +284,17 @@ def load_checkpoint(trainer, folder: Path, *, load_optim: bool = True, load_rng:
     return {"seconds": seconds, "iteration": state["iteration"]}
 
 
-def _read_for_this_rank(trainer, folder: Path, with_optim: bool, with_rng: bool):
+def _read_for_this_rank(subject: CheckpointSubject, folder: Path, with_optim: bool, with_rng: bool):
     """Everything this rank needs, read and checked, nothing applied."""
     reader = CheckpointReader(folder)
     index = reader.index
     where = folder / "index.json"
-    check_model_shape(index, trainer.cfg, where)
-    topo, opt = trainer.topo, trainer.zero.optimizer
-    names = _param_names(trainer)
+    check_model_shape(index, subject.cfg, where)
+    topo = subject.topo
+    names = _param_names(subject)
     has_master = any(n.startswith("master/") for n in reader.tensors)
     values, masters, exp_avgs, exp_avg_sqs = [], [], [], []
-    for f, value in zip(opt.fragments, opt.values):
+    for f, dtype in zip(subject.engine.fragments(), subject.engine.value_dtypes()):
         spec = get_shard_spec(f.param)
         name = names[id(f.param)]
         if not reader.has(f"model/{name}"):
@@ -307,14 +310,14 @@ def _read_for_this_rank(trainer, folder: Path, with_optim: bool, with_rng: bool)
         model = fragment("model")
         master = fragment("master") if has_master else model.float()
         # the stored values when the dtypes agree (exact resume), else the fp32 master rounded once
-        values.append(model if model.dtype == value.dtype else master.to(value.dtype))
+        values.append(model if model.dtype == dtype else master.to(dtype))
         masters.append(master)
         exp_avgs.append(fragment("exp_avg") if with_optim else torch.zeros_like(master))
         exp_avg_sqs.append(fragment("exp_avg_sq") if with_optim else torch.zeros_like(master))
     rng = None
     saved = index["layout"]
     entry = index.get("rng", {}).get(f"pp{topo.pp_rank}.tp{topo.tp_rank}")  # none after an offline reshard
-    if with_rng and entry is not None and (saved["tp"], saved["pp"], saved["vp"]) == (topo.tp, topo.pp, trainer.vp):
+    if with_rng and entry is not None and (saved["tp"], saved["pp"], saved["vp"]) == (topo.tp, topo.pp, subject.cfg.virtual_pipeline_size()):
         get = lambda k: reader.get(entry["file"], f"{entry['prefix']}/{k}")  # noqa: E731
         rng = {"streams": {s: get(s) for s in entry["streams"]}, "ambient": get("ambient")}
     return index, values, masters, exp_avgs, exp_avg_sqs, rng

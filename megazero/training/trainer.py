@@ -26,6 +26,7 @@ from megazero.data import build_data_iterator
 from megazero.monitor import TrainingMonitor
 from megazero.optim import LRSchedule
 from megazero.optim.loss_scaler import build_loss_scaler
+from megazero.optim.train_state import TrainState
 from megazero.pipeline_parallel.executor import Microbatch, PipelineExecutor
 from megazero.pipeline_parallel.p2p import PipelineP2P
 from megazero.pipeline_parallel.schedules import build_plan
@@ -69,7 +70,20 @@ def lm_loss(chunk: torch.nn.Module, inputs: torch.Tensor, batch: Microbatch) -> 
     return chunk(inputs, batch["labels"]).mean()
 
 
+def _state_field(name: str) -> property:
+    """trainer.iteration etc.: the TrainState's field (the trainer's state lives in self.state)."""
+    return property(lambda self: getattr(self.state, name), lambda self, v: setattr(self.state, name, v),
+                    doc=f"self.state.{name}")
+
+
 class Trainer:
+    iteration = _state_field("iteration")
+    consumed_samples = _state_field("consumed_samples")
+    optimizer_steps = _state_field("optimizer_steps")
+    consecutive_skips = _state_field("consecutive_skips")
+    scaler = _state_field("scaler")
+    rng = _state_field("rng")
+
     def __init__(self, cfg: RunConfig, topo: Topology, data: ResolvedData, device: torch.device,
                  run_dir: Path | None, log: Callable[[str], None], datasets: dict | None = None):
         self.cfg, self.topo, self.device, self.log = cfg, topo, device, log
@@ -80,10 +94,10 @@ class Trainer:
 
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.rng = RNGStreams(t.seed, topo.tp_rank, topo.pp_rank, device)
+        rng = RNGStreams(t.seed, topo.tp_rank, topo.pp_rank, device)
         # This rank's model chunks (one per virtual stage it holds; one without interleaving).
         self.vp = cfg.virtual_pipeline_size()
-        self.chunks = build_model_chunks(cfg, topo, self.rng, device)
+        self.chunks = build_model_chunks(cfg, topo, rng, device)
         self.params = [p for p in self.chunks.parameters() if p.requires_grad]
         # Whole-model parameter count: each distinct slice once (before ZeRO-3 shards the storage).
         count = torch.tensor(float(sum(p.numel() for p in self.params if counts_toward_norm(p, topo.tp_rank))),
@@ -92,10 +106,11 @@ class Trainer:
         self.num_parameters = int(count.item())
         self.zero = ZeroEngine(list(self.chunks), topo, cfg.zero, o, device)
         pr = cfg.precision
-        self.scaler = build_loss_scaler(pr.params_dtype, pr.loss_scale, pr.initial_loss_scale, pr.loss_scale_window,
-                                        pr.hysteresis, pr.min_loss_scale)
-        self.consecutive_skips = 0
-        self.optimizer_steps = 0  # successful steps: the lr schedule advances only on these (Megatron)
+        scaler = build_loss_scaler(pr.params_dtype, pr.loss_scale, pr.initial_loss_scale, pr.loss_scale_window,
+                                   pr.hysteresis, pr.min_loss_scale)
+        # iteration, consumed samples, optimizer steps (the lr schedule advances only on these, Megatron),
+        # consecutive skips, loss scaler, RNG streams: what checkpoints save besides the ZeRO state
+        self.state = TrainState(scaler=scaler, rng=rng)
         # stage-to-stage transfers shaped as the chunks declare (GPTModel.pipeline_activation)
         p2p = PipelineP2P.for_chunks(list(self.chunks), cfg.micro_batch_size(topo.world_size), topo.pp_ranks,
                                      topo.pp_rank, topo.pp_group, device) if topo.pp > 1 else None
@@ -106,8 +121,6 @@ class Trainer:
                                       o.lr_decay_style, o.lr_warmup_init, o.lr_warmup_style)
 
         self.datasets = datasets if datasets is not None else build_datasets(cfg, data, topo.world_size)
-        self.consumed_samples = 0
-        self.iteration = 0
 
         self.log(f"model: {self.num_parameters:,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
                  f"{m.num_attention_heads} heads, seq {m.seq_length}, vocab {m.vocab_size} padded to "
@@ -259,12 +272,18 @@ class Trainer:
         self.zero.close()
 
     # ----- checkpoints -----------------------------------------------------------------------------
+    def checkpoint_subject(self):
+        """What checkpoints save and restore: the TrainState, the ZeRO engine, the chunks, topology, config."""
+        from megazero.checkpoint.state import CheckpointSubject
+
+        return CheckpointSubject(self.state, self.zero, list(self.chunks), self.topo, self.cfg, self.tokenizer_model)
+
     def load(self, folder: Path) -> None:
         from megazero.checkpoint.state import load_checkpoint
 
         c = self.cfg.checkpoint
         run_context.set_phase("checkpoint load")
-        load_checkpoint(self, folder, load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
+        load_checkpoint(self.checkpoint_subject(), folder, load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
                         finetune=c.finetune, log=self.log)
 
     def save(self) -> None:
@@ -272,7 +291,7 @@ class Trainer:
 
         c = self.cfg.checkpoint
         run_context.set_phase("checkpoint save")
-        done = save_checkpoint(self, c.save, c.keep_last)
+        done = save_checkpoint(self.checkpoint_subject(), c.save, c.keep_last)
         self.last_saved = self.iteration
         self.log_writer(f"saved checkpoint {done['path']} (iteration {self.iteration}) in {done['seconds']:.2f} s"
                         + (f", {done['bytes'] / 2**20:.1f} MiB" if done["bytes"] else ""))

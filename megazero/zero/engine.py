@@ -96,6 +96,35 @@ class ZeroEngine:
         self.wait()
         self.optimizer.close()
 
+    # ----- checkpoints (megazero/checkpoint/state.py) ---------------------------------------------------
+    def export_state(self) -> dict:
+        """What a checkpoint saves of this rank's ZeRO state, collectives finished first: per owned
+        fragment (same order) the fragment, its model-dtype values and (master or None, exp_avg,
+        exp_avg_sq) (ZeroOptimizer.export_state), and the optimizer's step count."""
+        self.wait()
+        opt = self.optimizer
+        return {"fragments": list(opt.fragments), "values": list(opt.values), "state": opt.export_state(),
+                "step_count": opt.step_count()}
+
+    def fragments(self) -> list:
+        """This rank's owned fragments (what export_state / import_state list, in that order)."""
+        return list(self.optimizer.fragments)
+
+    def value_dtypes(self) -> list[torch.dtype]:
+        return [v.dtype for v in self.optimizer.values]
+
+    @torch.no_grad()
+    def import_state(self, values: list[torch.Tensor], masters: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                     exp_avg_sqs: list[torch.Tensor], step_count: int) -> None:
+        """Set every owned fragment's model-dtype values, fp32 master and moments and the step count,
+        then rebuild what depends on them (stages 1-2: every rank's shard into the full parameter buffer)."""
+        self.wait()
+        for value, v in zip(self.optimizer.values, values):
+            value.copy_(v)
+        self.optimizer.import_state(masters, exp_avgs, exp_avg_sqs, step_count)
+        self.storage.after_step()
+        self.wait()
+
     def memory_bytes(self) -> dict[str, int]:
         """Model-state bytes this rank holds between steps (on its device; offloaded state separately)."""
         out = {"params": self.storage.nbytes(), "grads": self.grads.nbytes(), "optimizer": self.optimizer.nbytes()}

@@ -58,8 +58,8 @@ def install_pause(point: str, iteration: int, marker: str) -> None:
     elif point in ("full-disk", "no-room"):
         save_checkpoint = state.save_checkpoint
 
-        def failing_disk_save(trainer, save, keep_last=None):
-            if trainer.iteration == iteration:
+        def failing_disk_save(subject, save, keep_last=None):
+            if subject.state.iteration == iteration:
                 Path(marker).write_text(f"{point} from the save of iteration {iteration}\n")
                 if point == "full-disk":
                     import resource
@@ -73,7 +73,7 @@ def install_pause(point: str, iteration: int, marker: str) -> None:
 
                     usage = collections.namedtuple("usage", "total used free")
                     shutil.disk_usage = lambda path: usage(2**30, 2**30 - 2**20, 2**20)
-            return save_checkpoint(trainer, save, keep_last)
+            return save_checkpoint(subject, save, keep_last)
 
         state.save_checkpoint = failing_disk_save
     elif point == "renamed":

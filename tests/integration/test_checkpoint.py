@@ -126,7 +126,7 @@ def _cross_layout(rank, world_size, prefix, tokenizer_model, root: Path, referen
         cfg = _config(prefix, tokenizer_model, layout, K + M, nvme, load=str(root / "source"))
         trainer = _trainer(rank, world_size, cfg, layout, data, log=logs.append)
         trainer.load(source)
-        save_checkpoint(trainer, root / f"resaved-{world_size}-{layout_id(world_size, layout)}")
+        save_checkpoint(trainer.checkpoint_subject(), root / f"resaved-{world_size}-{layout_id(world_size, layout)}")
         out[layout] = {"history": _records(trainer.train()), "log": logs}
         trainer.close()
     return out

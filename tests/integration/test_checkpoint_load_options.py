@@ -31,7 +31,7 @@ def _run(rank, world_size, prefix, tokenizer_model, root: Path):
     trainer = _trainer(rank, world_size, _with_dropout(_config(prefix, tokenizer_model, LAYOUT, 3, root)), LAYOUT, data)
     trainer.train()
     saved = _state(trainer)
-    folder = save_checkpoint(trainer, root / "ckpt")["path"]
+    folder = save_checkpoint(trainer.checkpoint_subject(), root / "ckpt")["path"]
     trainer.close()
     out = {"saved": saved}
     for name, options in {"plain": {}, "finetune": {"finetune": True}, "no_load_optim": {"no_load_optim": True},

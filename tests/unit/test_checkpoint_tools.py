@@ -71,7 +71,7 @@ def _train_save_reshard_resave(rank, world_size, prefix, tokenizer_model, root):
     trainer = Trainer(cfg, Topology.build(GridShape(world_size, tp=2, pp=2), rank), data, torch.device("cpu"),
                       run_dir=None, log=lambda _: None)
     trainer.train()
-    save_checkpoint(trainer, root / "src")
+    save_checkpoint(trainer.checkpoint_subject(), root / "src")
     trainer.close()
     logits = None
     if rank == 0:  # the tools inside an initialised 4-rank job: private one-member groups, no collective
@@ -87,8 +87,8 @@ def _train_save_reshard_resave(rank, world_size, prefix, tokenizer_model, root):
     trainer = Trainer(target, Topology.build(GridShape(world_size, tp=1, pp=2), rank), data, torch.device("cpu"),
                       run_dir=None, log=lambda _: None)
     # RNG not loaded: tp changed, so the converted checkpoint holds no RNG streams
-    load_checkpoint(trainer, fmt.resolve_checkpoint(root / "tp1pp2dp2"), load_rng=False, log=lambda _: None)
-    save_checkpoint(trainer, root / "resaved")
+    load_checkpoint(trainer.checkpoint_subject(), fmt.resolve_checkpoint(root / "tp1pp2dp2"), load_rng=False, log=lambda _: None)
+    save_checkpoint(trainer.checkpoint_subject(), root / "resaved")
     trainer.close()
     return logits
 
