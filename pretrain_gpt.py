@@ -43,33 +43,6 @@ def make_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
     return run_dir, created
 
 
-def checkpoint_to_resume(cfg: RunConfig, log) -> Path | None:
-    """The committed checkpoint folder --load names; None when there is nothing to resume (no --load,
-    or a missing folder, or one holding only leftovers such as an interrupted first save: `--save X
-    --load X` starts from scratch the first time). Anything else that is not a checkpoint (a file, a
-    folder of other things, a corrupted `latest`) is a one-line error (format.find_checkpoint)."""
-    from megazero.checkpoint.format import find_checkpoint
-
-    if cfg.checkpoint.load is None:
-        return None
-    folder, note = find_checkpoint(cfg.checkpoint.load)
-    if note:
-        log(note)
-    return folder
-
-
-def nothing_to_do(cfg: RunConfig, folder: Path, log) -> bool:
-    """A resume whose checkpoint already reached --train-iters: say so (no run folder, no save)."""
-    from megazero.checkpoint.format import read_index
-
-    iteration, total = read_index(folder, resume=True)["iteration"], cfg.training.train_iters
-    if cfg.checkpoint.finetune or iteration < total:
-        return False
-    log(f"checkpoint {folder} is at iteration {iteration} "
-        f"{'=' if iteration == total else f'> {total} ='} --train-iters: nothing to do")
-    return True
-
-
 def lock_save_folder(cfg: RunConfig, rank: int, world_group, log):
     """Rank 0 takes the --save folder's lock (one run per folder; checkpoint/lock.py) and removes the
     interrupted saves it holds; every rank gets the same one-line error if the folder is taken."""
@@ -96,54 +69,18 @@ def lock_save_folder(cfg: RunConfig, rank: int, world_group, log):
     return lock
 
 
-def keep_checkpoint_batch(cfg: RunConfig, folder: Path, world_size: int, log) -> RunConfig:
-    """Elastic resume: unless the batch sizes are given, keep the checkpoint's global batch on this
-    world size by changing gradient accumulation (or say why that cannot work)."""
-    from megazero.checkpoint.format import read_index
-
-    t = cfg.training
-    if t.global_batch_size is not None or t.gradient_accumulation_steps is not None or cfg.checkpoint.finetune:
-        return cfg
-    saved = read_index(folder)["config"]["training"]
-    gbs, micro = saved.get("global_batch_size"), t.micro_batch_size
-    if gbs is None:  # an index written without the resolved batch: nothing to keep
-        return cfg
-    dp = cfg.data_parallel_size(world_size)
-    if micro is None or gbs % (micro * dp):
-        raise ConfigError(f"{folder}: cannot keep the checkpoint's global batch {gbs} on {world_size} process(es): "
-                          f"it is not a multiple of micro batch {micro} x data-parallel size {dp}; pass a "
-                          f"--micro-batch-size that makes it one, or --global-batch-size to change the batch")
-    accum = gbs // (micro * dp)
-    if accum != saved["gradient_accumulation_steps"]:
-        log(f"resume: keeping the checkpoint's global batch {gbs}: gradient accumulation "
-            f"{saved['gradient_accumulation_steps']} -> {accum} (micro {micro} x dp {dp})")
-    return cfg.replace(training={"global_batch_size": gbs})
-
-
-def keep_run_dir(cfg: RunConfig, folder: Path) -> RunConfig:
-    """A resumed run continues the run folder its checkpoint was written from (kept in the
-    checkpoint's config), so one run has one set of CSVs, TensorBoard curves and summary; an explicit
-    --output-dir wins."""
-    from megazero.checkpoint.format import read_index
-
-    if cfg.logging.output_dir:
-        return cfg
-    saved = read_index(folder)["config"].get("logging", {}).get("output_dir")
-    return cfg.replace(logging={"output_dir": saved}) if saved else cfg
-
-
-def run(argv: list[str] | None = None) -> dict:
-    """Train; returns the run summary (what summary.json holds) on the writing rank, {} elsewhere."""
-    env = LaunchEnv.from_environ()
-    log = RankPrinter(env.rank)
+def prepare(argv: list[str] | None, env: LaunchEnv, log):
+    """parse -> resume resolution -> validate -> data, before any process group or file exists:
+    (cfg, the checkpoint to resume or None, backend, data, datasets), or None when the checkpoint is
+    already at --train-iters (nothing to do). Bad input is one line on stderr and exit 2."""
     try:
         cfg = parse_args(argv, rank=env.rank)
-        resume_from = checkpoint_to_resume(cfg, log)
-        if resume_from is not None and nothing_to_do(cfg, resume_from, log):
-            return {}
-        if resume_from is not None:
-            cfg = keep_checkpoint_batch(cfg, resume_from, env.world_size, log)
-            cfg = keep_run_dir(cfg, resume_from)
+        from megazero.checkpoint.resume import NothingToDo, check_resume_model, resolve_resume
+
+        try:
+            cfg, resume_from = resolve_resume(cfg, env.world_size, log)
+        except NothingToDo:
+            return None
         validate(cfg, env.world_size)
         cfg = cfg.resolved(env.world_size)
         backend = resolve_backend(cfg.parallel.distributed_backend)
@@ -151,18 +88,39 @@ def run(argv: list[str] | None = None) -> dict:
 
         data = resolve_data(cfg, log)
         cfg = cfg.replace(model={"vocab_size": data.vocab_size})
-        if resume_from is not None:
-            from megazero.checkpoint.format import read_index
-            from megazero.checkpoint.state import check_model_shape
-
-            check_model_shape(read_index(resume_from), cfg, resume_from / "index.json")
+        check_resume_model(cfg, resume_from)
         datasets = build_datasets(cfg, data, env.world_size)
     except ConfigError as err:
         fail(str(err), env.rank)
+    return cfg, resume_from, backend, data, datasets
+
+
+def open_run_dir(cfg: RunConfig, env: LaunchEnv, world_group) -> tuple[RunConfig, Path | None, Path | None]:
+    """The writer rank (the last) makes the run folder and writes config.json; every rank records the
+    writer's folder in its config, so checkpoints carry it (resume). Returns (cfg, the run folder on the
+    writer or None, the topmost folder this call created or None)."""
+    from megazero import comm
+
+    writer = env.rank == env.world_size - 1
+    run_dir, created = make_run_dir(cfg) if writer else (None, None)
+    cfg = cfg.replace(logging={"output_dir": str(comm.all_gather_object(run_dir, world_group)[-1])})
+    if run_dir is not None:
+        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        print(f"run directory: {run_dir.resolve()}", flush=True)
+    return cfg, run_dir, created
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Train; returns the run summary (what summary.json holds) on the writing rank, {} elsewhere."""
+    env = LaunchEnv.from_environ()
+    log = RankPrinter(env.rank)
+    prepared = prepare(argv, env, log)
+    if prepared is None:
+        return {}
+    cfg, resume_from, backend, data, datasets = prepared
 
     import torch
 
-    from megazero import comm
     from megazero.topology import GridShape, Topology
     from megazero.training.trainer import Trainer
 
@@ -176,13 +134,8 @@ def run(argv: list[str] | None = None) -> dict:
         log(f"megazero: {env.world_size} process(es), backend {backend}, device {device.type}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) per process")
         log(f"data: {data.description}")
-        writer = env.rank == env.world_size - 1
-        run_dir, created = make_run_dir(cfg) if writer else (None, None)
-        # Every rank records the writer's folder in its config, so checkpoints carry it (resume).
-        cfg = cfg.replace(logging={"output_dir": str(comm.all_gather_object(run_dir, topo.world_group)[-1])})
-        if run_dir is not None:
-            (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-            print(f"run directory: {run_dir.resolve()}", flush=True)
+        cfg, run_dir, created = open_run_dir(cfg, env, topo.world_group)
+
         def abort(err: ConfigError) -> None:
             """Bad input found after start (no room for NVMe offload files, a corrupted checkpoint):
             the same line on every rank; leave nothing behind (the run folder holds only config.json)."""
