@@ -252,9 +252,9 @@ def check_model_shape(index: dict, cfg, where: Path) -> None:
 @torch.no_grad()
 def load_checkpoint(subject: CheckpointSubject, folder: Path, *, load_optim: bool = True, load_rng: bool = True,
                     finetune: bool = False, log=print) -> dict:
-    """Collective over all ranks: restore `subject` (its TrainState and ZeRO engine) from a committed checkpoint folder (iter_N). Every
-    rank first reads what it needs; a bad file on any rank is the same CheckpointError on all ranks,
-    before anything is changed."""
+    """Collective over all ranks: restore `subject` (its TrainState and ZeRO engine) from a committed
+    checkpoint folder (iter_N). Every rank first reads what it needs; a bad file on any rank is the same
+    CheckpointError on all ranks, before anything is changed."""
     t0 = time.perf_counter()
     with_optim, with_rng = load_optim and not finetune, load_rng and not finetune
     error, plan = None, None
@@ -317,7 +317,8 @@ def _read_for_this_rank(subject: CheckpointSubject, folder: Path, with_optim: bo
     rng = None
     saved = index["layout"]
     entry = index.get("rng", {}).get(f"pp{topo.pp_rank}.tp{topo.tp_rank}")  # none after an offline reshard
-    if with_rng and entry is not None and (saved["tp"], saved["pp"], saved["vp"]) == (topo.tp, topo.pp, subject.cfg.virtual_pipeline_size()):
+    same_grid = (saved["tp"], saved["pp"], saved["vp"]) == (topo.tp, topo.pp, subject.cfg.virtual_pipeline_size())
+    if with_rng and entry is not None and same_grid:
         get = lambda k: reader.get(entry["file"], f"{entry['prefix']}/{k}")  # noqa: E731
         rng = {"streams": {s: get(s) for s in entry["streams"]}, "ambient": get("ambient")}
     return index, values, masters, exp_avgs, exp_avg_sqs, rng

@@ -87,7 +87,8 @@ def _train_save_reshard_resave(rank, world_size, prefix, tokenizer_model, root):
     trainer = Trainer(target, Topology.build(GridShape(world_size, tp=1, pp=2), rank), data, torch.device("cpu"),
                       run_dir=None, log=lambda _: None)
     # RNG not loaded: tp changed, so the converted checkpoint holds no RNG streams
-    load_checkpoint(trainer.checkpoint_subject(), fmt.resolve_checkpoint(root / "tp1pp2dp2"), load_rng=False, log=lambda _: None)
+    load_checkpoint(trainer.checkpoint_subject(), fmt.resolve_checkpoint(root / "tp1pp2dp2"), load_rng=False,
+                    log=lambda _: None)
     save_checkpoint(trainer.checkpoint_subject(), root / "resaved")
     trainer.close()
     return logits
