@@ -107,7 +107,8 @@ def teardown() -> None:
     reads the heartbeats: the entry point then leaves with os._exit, watchdog.exit_on_collective_error)."""
     if comm.failure() is not None:
         return  # the heartbeat stays for the failure report
-    watchdog.stop()
+    # The last "exited" record only where the store outlives the ranks (torchrun's agent hosts it).
+    watchdog.stop("exited" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -128,4 +129,5 @@ def fail(message: str, rank: int, exit_code: int = 2) -> "NoReturn":  # noqa: F8
     every rank also writes it to its TORCHELASTIC_ERROR_FILE, so torchrun's failure summary names this
     line as the root cause instead of "To enable traceback see: ..." (errors.exit_with_error;
     docs/failures.md)."""
+    watchdog.stop(None)  # ranks may wait before exiting (exit_with_error): no beats into a store rank 0 took down
     exit_with_error(f"error: {message}", rank, exit_code)

@@ -141,11 +141,15 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             self.beat()
 
-    def stop(self, state: str = "exited", join: bool = True) -> None:
+    def stop(self, state: str | None = "exited", join: bool = True) -> None:
+        """End the beats; record `state` as the last one unless it is None (the store may be gone: a
+        store hosted by rank 0 rather than torchrun's agent dies with rank 0, and writing to it then
+        prints a c10d 'Broken pipe' warning on this rank's stderr)."""
         self._stop.set()
         if join and self._thread is not None:
             self._thread.join(timeout=2 * self.interval + 1)
-        self.beat(state)
+        if state is not None:
+            self.beat(state)
 
     def read_all(self) -> dict[int, dict]:
         """Every rank's last heartbeat (ranks that never wrote one are absent)."""
@@ -177,7 +181,8 @@ def start(store_factory: Callable[[], Any], rank: int, world_size: int, timeout_
     _heartbeat.start()
 
 
-def stop(state: str = "exited") -> None:
+def stop(state: str | None = "exited") -> None:
+    """Stop this process's heartbeat; state None writes no last record (see Heartbeat.stop)."""
     global _heartbeat
     if _heartbeat is not None:
         _heartbeat.stop(state)
