@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_checkpoint import (ENV, TINY_MODEL, TINY_RUN, children, data_flags, latest_iteration,
+from tests.integration.checkpoint_runs import (ENV, TINY_MODEL, TINY_RUN, children, data_flags, latest_iteration,
                                                torchrun, wait_exit, wait_for, workers_of)
 
 ENDED_WITHIN = 240  # s from the SIGSTOP: timeout + torchrun's 30 s grace before it SIGKILLs the stopped worker
