@@ -34,7 +34,7 @@ from megazero import comm
 from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, CheckpointError, CheckpointReader, Piece,
                                         commit, iteration_dirname, partial_dir, prepare_partial, rank_filename,
                                         sha256_of, write_rank_file)
-from megazero.optim.grad_norm import counts_toward_norm
+from megazero.tensor_parallel.sharding import counts_toward_norm
 from megazero.optim.train_state import TrainState
 from megazero.tensor_parallel.sharding import ShardSpec, get_shard_spec
 from megazero.topology import Topology
