@@ -154,6 +154,20 @@ def _check_loss_scale_flags(given: dict, cfg: RunConfig) -> None:
                           f"(no loss scaling); add --fp16 or drop {given[used[0]][0]}")
 
 
+# Flags for one optimizer's own hyperparameters: with the other optimizer they would change nothing.
+_OPTIMIZER_OWN_FLAGS = {"optimizer.adam_beta1": "adam", "optimizer.adam_beta2": "adam", "optimizer.adam_eps": "adam",
+                        "optimizer.sgd_momentum": "sgd"}
+
+
+def _check_optimizer_flags(given: dict, cfg: RunConfig) -> None:
+    """--adam-* apply to Adam only, --sgd-momentum to SGD only (the optimizer may come from the ds_config)."""
+    kind = cfg.optimizer.optimizer_type
+    for dest, owner in _OPTIMIZER_OWN_FLAGS.items():
+        if dest in given and owner != ("sgd" if kind == "sgd" else "adam"):
+            raise ConfigError(f"{_shown(*given[dest])} applies only to --optimizer {owner}, and this run's optimizer "
+                              f"is {kind}; drop {given[dest][0]} or make the optimizer {owner}")
+
+
 def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
     ns = vars(build_parser(rank).parse_args(argv))
     given = ns.pop(_GIVEN, {})  # dest -> (option as typed, action, value)
@@ -162,8 +176,9 @@ def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
     for dest, value in ns.items():
         section, name = dest.split(".", 1)
         sections[section][name] = value
-    if "optimizer_type" in sections["optimizer"]:
-        sections["optimizer"]["optimizer_type"] = "adamw"  # Megatron's --optimizer adam is AdamW
+    if "optimizer_type" in sections["optimizer"]:  # Megatron's --optimizer adam is AdamW
+        kind = sections["optimizer"]["optimizer_type"]
+        sections["optimizer"]["optimizer_type"] = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd"}[kind]
     if ds_config is not None:
         from megazero.ds_config import apply_ds_config
 
@@ -171,5 +186,6 @@ def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
     else:
         cfg = RunConfig().replace(**sections)
     _check_loss_scale_flags(given, cfg)
+    _check_optimizer_flags(given, cfg)
     cfg.check_fields()
     return cfg

@@ -184,13 +184,17 @@ class ZeroConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    optimizer_type: str = "adamw"  # adamw (decoupled decay; Megatron's and DeepSpeed's "adam") | adam_l2
+    # adamw (decoupled decay; Megatron's and DeepSpeed's "adam") | adam_l2 | sgd (with momentum; its weight
+    # decay is L2 added to the gradient, as in torch.optim.SGD and Megatron's --optimizer sgd)
+    optimizer_type: str = "adamw"
     lr: float = num(6e-4, gt=0.0)
     min_lr: float = num(6e-5, ge=0.0)
     weight_decay: float = num(0.1, ge=0.0)
+    # adam_* apply to adamw / adam_l2 only, sgd_momentum to sgd only.
     adam_beta1: float = num(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = num(0.95, ge=0.0, lt=1.0)
     adam_eps: float = num(1e-8, gt=0.0)
+    sgd_momentum: float = num(0.9, ge=0.0)  # Megatron's default (torch.optim.SGD's is 0)
     clip_grad: float = num(1.0, ge=0.0)
     lr_warmup_iters: int = num(20, ge=0)
     lr_warmup_init: float = num(0.0, ge=0.0)  # lr the warmup starts from
@@ -370,8 +374,8 @@ class RunConfig:
         if z.grad_reduce_dtype not in ("fp32", "model"):
             raise ConfigError(f"--grad-reduce-dtype must be fp32 or model, got {z.grad_reduce_dtype!r}")
         self.check_offload()
-        if self.optimizer.optimizer_type not in ("adamw", "adam_l2"):
-            raise ConfigError(f"optimizer must be adamw or adam_l2, got {self.optimizer.optimizer_type!r}")
+        if self.optimizer.optimizer_type not in ("adamw", "adam_l2", "sgd"):
+            raise ConfigError(f"optimizer must be adamw, adam_l2 or sgd, got {self.optimizer.optimizer_type!r}")
         if self.optimizer.lr_warmup_style not in ("linear", "log"):
             raise ConfigError(f"warmup style must be linear or log, got {self.optimizer.lr_warmup_style!r}")
 

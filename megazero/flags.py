@@ -137,16 +137,20 @@ FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
         flag("--deterministic", dest="training.deterministic", action="store_true",
              help="torch.use_deterministic_algorithms(True)"),
     ]),
-    ('optimizer (AdamW)', [
+    ('optimizer', [
         flag("--lr", dest="optimizer.lr", type=float, help="peak learning rate (default 6e-4)"),
         flag("--min-lr", dest="optimizer.min_lr", type=float, help="default 6e-5"),
         flag("--weight-decay", dest="optimizer.weight_decay", type=float, help="default 0.1"),
         flag("--adam-beta1", dest="optimizer.adam_beta1", type=float, help="default 0.9"),
         flag("--adam-beta2", dest="optimizer.adam_beta2", type=float, help="default 0.95"),
         flag("--adam-eps", dest="optimizer.adam_eps", type=float, help="default 1e-8"),
+        flag("--sgd-momentum", dest="optimizer.sgd_momentum", type=float,
+             help="momentum factor of --optimizer sgd (default 0.9)"),
         flag("--clip-grad", dest="optimizer.clip_grad", type=float, help="global grad-norm clip (default 1.0; 0 = off)"),
-        flag("--optimizer", dest="optimizer.optimizer_type", choices=["adam", "adamw"],
-             type=str.lower, help="both mean AdamW (decoupled weight decay), as in Megatron"),
+        flag("--optimizer", dest="optimizer.optimizer_type", choices=["adam", "adamw", "sgd"],
+             type=str.lower, help="adam, adamw: AdamW (decoupled weight decay), as in Megatron; sgd: SGD with "
+                                  "--sgd-momentum, weight decay added to the gradient as in torch.optim.SGD "
+                                  "(default adam)"),
         flag("--lr-warmup-iters", dest="optimizer.lr_warmup_iters", type=int, help="default 20"),
         flag("--lr-warmup-init", dest="optimizer.lr_warmup_init", type=float, help="default 0"),
         flag("--lr-decay-iters", dest="optimizer.lr_decay_iters", type=int, help="default: train iters"),

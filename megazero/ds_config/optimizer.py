@@ -1,8 +1,9 @@
-"""The `optimizer` and `scheduler` blocks -> OptimizerConfig (Adam/AdamW, DeepSpeed's lr schedules).
+"""The `optimizer` and `scheduler` blocks -> OptimizerConfig (Adam/AdamW/SGD, DeepSpeed's lr schedules).
 
-`optimizer` maps the Adam type and params, with FusedAdam's defaults for omitted params; `scheduler`
-maps WarmupLR / WarmupDecayLR / WarmupCosineLR onto megazero's warmup and decay fields (docs/ds_config.md
-derives the formulas). The optimizer runs first: WarmupCosineLR's ratios are of the resolved lr.
+`optimizer` maps the Adam or SGD type and params, with the defaults of what DeepSpeed would construct
+(FusedAdam, torch.optim.SGD) for omitted params; `scheduler` maps WarmupLR / WarmupDecayLR /
+WarmupCosineLR onto megazero's warmup and decay fields (docs/ds_config.md derives the formulas). The
+optimizer runs first: WarmupCosineLR's ratios are of the resolved lr.
 """
 
 from __future__ import annotations
@@ -10,10 +11,28 @@ from __future__ import annotations
 import json
 
 from megazero.ds_config.merge import Merge
-from megazero.ds_config.schema import AUTO, SCHEDULER_PARAMS, fmt, given, nearest, only
+from megazero.ds_config.schema import (
+    AUTO,
+    SCHEDULER_PARAMS,
+    check_optimizer_keys,
+    fmt,
+    given,
+    nearest,
+    only,
+    optimizer_family,
+)
 from megazero.errors import ConfigError
 
-_DS_DEFAULTS_ADAM = {"lr": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "weight_decay": 0.0}
+# Omitted params take the defaults of what DeepSpeed would construct: its FusedAdam for Adam / AdamW, and
+# for SGD (not one of DeepSpeed's own types) `torch.optim.SGD(params, **optimizer.params)`.
+_DS_DEFAULTS = {"Adam": {"lr": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "weight_decay": 0.0},
+                "SGD": {"lr": 1e-3, "sgd_momentum": 0.0, "weight_decay": 0.0}}
+# optimizer.params key -> the OptimizerConfig fields it sets
+_PARAM_FIELDS = {"Adam": {"lr": ("lr",), "betas": ("adam_beta1", "adam_beta2"), "eps": ("adam_eps",),
+                          "weight_decay": ("weight_decay",)},
+                 "SGD": {"lr": ("lr",), "momentum": ("sgd_momentum",), "weight_decay": ("weight_decay",)}}
+# torch.optim.SGD options megazero's SGD does not implement: accepted with their off value only.
+_SGD_OFF = {"dampening": 0, "nesterov": False, "maximize": False}
 
 
 def optimizer(ds: dict, m: Merge) -> None:
@@ -23,28 +42,35 @@ def optimizer(ds: dict, m: Merge) -> None:
     params = opt.get("params", {})
     kind = opt.get("type")
     if kind is None:
-        raise ConfigError(f"{m.fname}: optimizer needs a \"type\" (Adam or AdamW)")
+        raise ConfigError(f"{m.fname}: optimizer needs a \"type\" (Adam, AdamW or SGD)")
     w_mode = params.get("adam_w_mode")
-    if kind != AUTO:
-        if kind.lower() not in ("adam", "adamw"):
-            raise ConfigError(f"{m.fname}: optimizer.type {fmt(kind)} is not supported; megazero supports Adam and "
-                              f"AdamW (case-insensitive)")
+    if kind == AUTO:  # the optimizer of --optimizer, else megazero's default (AdamW)
+        family = "SGD" if m.value("optimizer.optimizer_type") == "sgd" else "Adam"
+        check_optimizer_keys(m.fname, params, family, 'optimizer.type "auto": --optimizer, else adamw')
+    else:
+        family = optimizer_family(kind)
+        if family is None:
+            raise ConfigError(f"{m.fname}: optimizer.type {fmt(kind)} is not supported; megazero supports Adam, "
+                              f"AdamW and SGD (case-insensitive)")
         if kind.lower() == "adamw" and w_mode is False:
             raise ConfigError(f"{m.fname}: optimizer.type AdamW with params.adam_w_mode false is contradictory "
                               f"(DeepSpeed silently uses AdamW); for Adam with L2 decay use type Adam")
         l2 = kind.lower() == "adam" and w_mode is False
         src = f"optimizer.type {fmt(kind)}" + (" with params.adam_w_mode false" if l2 else "")
-        m.set("optimizer.optimizer_type", "adam_l2" if l2 else "adamw", src)
+        m.set("optimizer.optimizer_type", "sgd" if family == "SGD" else ("adam_l2" if l2 else "adamw"), src)
     if "bias_correction" in params:
         only(m.fname, "optimizer.params.bias_correction", params["bias_correction"], (True,),
               "megazero's Adam always corrects the moment bias")
-    # Omitted params take DeepSpeed's (FusedAdam's) defaults; "auto" takes the flag or megazero's default.
-    for key, targets in (("lr", ("lr",)), ("betas", ("adam_beta1", "adam_beta2")), ("eps", ("adam_eps",)),
-                         ("weight_decay", ("weight_decay",))):
+    for key, off in _SGD_OFF.items():
+        if key in params:
+            only(m.fname, f"optimizer.params.{key}", params[key], (off,), f"megazero's SGD does not implement {key}")
+    # Omitted params take DeepSpeed's (FusedAdam's, torch.optim.SGD's) defaults; "auto" takes the flag or
+    # megazero's default.
+    for key, targets in _PARAM_FIELDS[family].items():
         v = params.get(key)
         if v is None:
             for target in targets:
-                m.default(f"optimizer.{target}", _DS_DEFAULTS_ADAM[target])
+                m.default(f"optimizer.{target}", _DS_DEFAULTS[family][target])
             continue
         if v == AUTO:
             continue

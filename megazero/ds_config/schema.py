@@ -1,11 +1,12 @@
 """The accepted DeepSpeed keys and the file itself: reading, JSON types, unknown and refused keys.
 
-Owns `SCHEMA` (every key megazero accepts, with its JSON type), `SCHEDULER_PARAMS` (the params of each
-supported scheduler type), `REFUSED` (DeepSpeed sections megazero knows and refuses, with the reason),
-`load` (the file -> a dict, one-line errors for a missing file, bad JSON or duplicate keys), `check`
-(every key known, every leaf of the right type; unknown keys name the nearest valid one), and the
-value-level helpers the mappings share (`fmt` for messages, `given`, `only` for keys megazero accepts
-with one value only). What a key *means* for RunConfig lives in mapping.py and optimizer.py.
+Owns `SCHEMA` (every key megazero accepts, with its JSON type), `SCHEDULER_PARAMS` and
+`OPTIMIZER_PARAMS` (the params of each supported scheduler and optimizer type), `REFUSED` (DeepSpeed
+sections megazero knows and refuses, with the reason), `load` (the file -> a dict, one-line errors for a
+missing file, bad JSON or duplicate keys), `check` (every key known, every leaf of the right type;
+unknown keys name the nearest valid one), and the value-level helpers the mappings share (`fmt` for
+messages, `given`, `only` for keys megazero accepts with one value only, `optimizer_family` and
+`check_optimizer_keys`). What a key *means* for RunConfig lives in mapping.py and optimizer.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ SCHEDULER_PARAMS: dict[str, dict] = {
     "WarmupDecayLR": {"warmup_min_lr": NUM, "warmup_max_lr": NUM, "total_num_steps": INT, **_WARMUP},
     "WarmupCosineLR": {"warmup_min_ratio": NUM, "cos_min_ratio": NUM, "total_num_steps": INT, **_WARMUP},
 }
+# optimizer.params per optimizer (Adam and AdamW share DeepSpeed's Adam keys; SGD takes torch.optim.SGD's).
+OPTIMIZER_PARAMS: dict[str, dict] = {
+    "Adam": {"lr": NUM, "betas": _Leaf("betas"), "eps": NUM, "weight_decay": NUM, "adam_w_mode": BOOL,
+             "torch_adam": BOOL, "bias_correction": BOOL},
+    "SGD": {"lr": NUM, "momentum": NUM, "dampening": NUM, "weight_decay": NUM, "nesterov": BOOL, "maximize": BOOL},
+}
 _MONITOR = {"enabled": BOOL, "output_path": STR_OR_NULL, "job_name": STR}
 SCHEMA: dict[str, Any] = {
     "train_batch_size": INT, "train_micro_batch_size_per_gpu": INT, "gradient_accumulation_steps": INT,
@@ -50,8 +57,8 @@ SCHEMA: dict[str, Any] = {
              "loss_scale_window": INT, "hysteresis": INT, "consecutive_hysteresis": BOOL, "min_loss_scale": NUM,
              "fp16_master_weights_and_grads": BOOL},
     "bf16": {"enabled": BOOL, "bf16_master_weights_and_grads": BOOL, "bf16_optimizer_states": BOOL},
-    "optimizer": {"type": STR, "params": {"lr": NUM, "betas": _Leaf("betas"), "eps": NUM, "weight_decay": NUM,
-                                          "adam_w_mode": BOOL, "torch_adam": BOOL, "bias_correction": BOOL}},
+    # params checked against the named type's keys; with "auto" (or an unsupported type) against every optimizer's
+    "optimizer": {"type": STR, "params": OPTIMIZER_PARAMS["Adam"] | OPTIMIZER_PARAMS["SGD"]},
     "scheduler": {"type": STR, "params": SCHEDULER_PARAMS},  # params checked against the named type
     "zero_optimization": {
         "stage": INT, "reduce_bucket_size": INT, "allgather_bucket_size": INT, "overlap_comm": BOOL,
@@ -194,11 +201,31 @@ def check(fname: str, obj: Any, schema: dict, prefix: str = "") -> dict:
             kind = obj.get("type")  # an unsupported type is refused by optimizer.scheduler
             out[key] = check(fname, value, SCHEDULER_PARAMS[kind], where + ".") if kind in SCHEDULER_PARAMS \
                 else value
+        elif where == "optimizer.params" and (family := optimizer_family(obj.get("type"))):
+            check_optimizer_keys(fname, value, family, f"optimizer.type {fmt(obj['type'])}")
+            out[key] = check(fname, value, OPTIMIZER_PARAMS[family], where + ".")
         elif isinstance(sub, dict):
             out[key] = check(fname, value, sub, where + ".")
         else:
             out[key] = _leaf(fname, where, value, sub)
     return out
+
+
+def optimizer_family(kind: Any) -> str | None:
+    """The OPTIMIZER_PARAMS entry an optimizer.type names, None for "auto" and unsupported types.
+    Case-insensitive: DeepSpeed lowercases its own types (Adam, AdamW); for SGD it looks up the exact
+    torch.optim class name "SGD", and megazero accepts any case."""
+    return {"adam": "Adam", "adamw": "Adam", "sgd": "SGD"}.get(kind.lower()) if isinstance(kind, str) else None
+
+
+def check_optimizer_keys(fname: str, params: Any, family: str, source: str) -> None:
+    """Refuse another optimizer's key in optimizer.params (betas under SGD: torch.optim.SGD would raise
+    TypeError on it); misspelt keys are left to `check`, which names the nearest valid one."""
+    for key in params if isinstance(params, dict) else ():
+        owner = next((f for f, keys in OPTIMIZER_PARAMS.items() if key in keys), None)
+        if key not in OPTIMIZER_PARAMS[family] and owner:
+            raise ConfigError(f"{fname}: optimizer.params.{key} is an {owner} setting; {family} ({source}) takes "
+                              f"{', '.join(OPTIMIZER_PARAMS[family])}; remove it")
 
 
 def given(v: Any) -> bool:

@@ -270,12 +270,75 @@ def test_optimizer_type(tmp_path, kind, w_mode, expected):
 def test_optimizer_refusals_and_deepspeed_defaults(tmp_path):
     assert "AdamW with params.adam_w_mode false is contradictory" in error(
         tmp_path, {"optimizer": {"type": "AdamW", "params": {"adam_w_mode": False}}})
-    assert "supports Adam and AdamW" in error(tmp_path, {"optimizer": {"type": "Lamb", "params": {}}})
+    assert "supports Adam, AdamW and SGD" in error(tmp_path, {"optimizer": {"type": "Lamb", "params": {}}})
     # Omitted params take DeepSpeed's (FusedAdam's) defaults; flags still override them.
     o = load(tmp_path, {"optimizer": {"type": "Adam"}}).optimizer
     assert (o.lr, o.adam_beta1, o.adam_beta2, o.adam_eps, o.weight_decay) == (1e-3, 0.9, 0.999, 1e-8, 0.0)
     o = load(tmp_path, {"optimizer": {"type": "Adam"}}, {"optimizer": {"weight_decay": 0.1}}).optimizer
     assert o.weight_decay == 0.1
+
+
+@pytest.mark.parametrize("kind", ["SGD", "sgd"])
+def test_sgd_type_and_params(tmp_path, kind):
+    """{"type": "SGD"} is torch.optim.SGD(params, **optimizer.params) in DeepSpeed (not one of its own types)."""
+    params = {"lr": 0.1, "momentum": 0.8, "weight_decay": 1e-4, "dampening": 0, "nesterov": False, "maximize": False}
+    cfg = load(tmp_path, {"optimizer": {"type": kind, "params": params}})
+    o = cfg.optimizer
+    assert (o.optimizer_type, o.lr, o.sgd_momentum, o.weight_decay) == ("sgd", 0.1, 0.8, 1e-4)
+    validate(cfg, 1)
+
+
+def test_sgd_omitted_params_take_torch_defaults_and_flags_override_them(tmp_path):
+    o = load(tmp_path, {"optimizer": {"type": "SGD"}}).optimizer
+    assert (o.optimizer_type, o.lr, o.sgd_momentum, o.weight_decay) == ("sgd", 1e-3, 0.0, 0.0)  # not Megatron's 0.9
+    path = write(tmp_path, {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
+    o = parse_args(["--deepspeed-config", str(path), "--sgd-momentum", "0.5", "--optimizer", "sgd"]).optimizer
+    assert (o.lr, o.sgd_momentum) == (0.1, 0.5)
+    # "auto" takes the flag, else megazero's defaults (Megatron's momentum 0.9)
+    auto = {"optimizer": {"type": "SGD", "params": {"lr": "auto", "momentum": "auto", "weight_decay": "auto"}}}
+    o = load(tmp_path, auto).optimizer
+    assert (o.lr, o.sgd_momentum, o.weight_decay) == (6e-4, 0.9, 0.1)
+    assert load(tmp_path, auto, {"optimizer": {"sgd_momentum": 0.5}}).optimizer.sgd_momentum == 0.5
+    # a value the file states and a flag that differs disagree, as for every key
+    path = write(tmp_path, {"optimizer": {"type": "SGD", "params": {"momentum": 0.9}}})
+    with pytest.raises(ConfigError, match="--sgd-momentum 0.5 disagrees with ds_config.json optimizer.params.momentum"):
+        parse_args(["--deepspeed-config", str(path), "--sgd-momentum", "0.5"])
+    with pytest.raises(ConfigError, match='--optimizer "adamw" disagrees with ds_config.json optimizer.type "SGD"'):
+        parse_args(["--deepspeed-config", str(path), "--optimizer", "adam"])
+
+
+def test_type_auto_takes_the_optimizer_flag(tmp_path):
+    obj = {"optimizer": {"type": "auto", "params": {"momentum": 0.8}}}
+    o = load(tmp_path, obj, {"optimizer": {"optimizer_type": "sgd"}}).optimizer
+    assert (o.optimizer_type, o.sgd_momentum) == ("sgd", 0.8)
+    assert error(tmp_path, obj).startswith(  # without --optimizer sgd the optimizer is AdamW
+        'ds_config.json: optimizer.params.momentum is an SGD setting; Adam (optimizer.type "auto": --optimizer, '
+        'else adamw) takes lr, betas, eps, weight_decay,')
+
+
+@pytest.mark.parametrize("params,expected", [
+    ({"dampening": 0.1}, "optimizer.params.dampening 0.1 is not supported: megazero's SGD does not implement "
+                         "dampening"),
+    ({"nesterov": True}, "optimizer.params.nesterov true is not supported: megazero's SGD does not implement nesterov"),
+    ({"maximize": True}, "optimizer.params.maximize true is not supported: megazero's SGD does not implement maximize"),
+    ({"betas": [0.9, 0.99]}, 'optimizer.params.betas is an Adam setting; SGD (optimizer.type "SGD") takes lr, '
+                             'momentum, dampening, weight_decay, nesterov, maximize; remove it'),
+    ({"eps": 1e-8}, "optimizer.params.eps is an Adam setting"),
+    ({"adam_w_mode": True}, "optimizer.params.adam_w_mode is an Adam setting"),
+    ({"momentun": 0.9}, 'unknown key "optimizer.params.momentun"; did you mean "momentum"?'),
+    ({"max_grad_norm": 1.0}, "use the top-level \"gradient_clipping\""),
+    ({"momentum": -0.5}, "optimizer.params.momentum -0.5 must be >= 0"),
+    ({"nesterov": "yes"}, "optimizer.params.nesterov must be true or false"),
+])
+def test_sgd_refusals(tmp_path, params, expected):
+    msg = error(tmp_path, {"optimizer": {"type": "SGD", "params": params}})
+    assert msg.startswith("ds_config.json: ") and expected in msg, msg
+
+
+def test_sgd_key_under_adam_is_refused(tmp_path):
+    assert error(tmp_path, {"optimizer": {"type": "AdamW", "params": {"momentum": 0.9}}}) == (
+        'ds_config.json: optimizer.params.momentum is an SGD setting; Adam (optimizer.type "AdamW") takes lr, betas, '
+        'eps, weight_decay, adam_w_mode, torch_adam, bias_correction; remove it')
 
 
 # ----- schedulers ----------------------------------------------------------------------------------
