@@ -26,7 +26,7 @@ except ImportError:  # run as a script from a checkout: make the repository impo
 from tqdm import tqdm
 
 from megazero.checkpoint.api import checkpoint_folder
-from megazero.checkpoint.format import INDEX, KINDS, CheckpointError, read_index
+from megazero.checkpoint.format import INDEX, CheckpointError, kinds_of, optimizer_of, read_index
 from megazero.cli import OneLineParser, run_tool
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "uint8": 1}
@@ -56,12 +56,13 @@ def summarize(folder: Path, index: dict) -> dict:
         k["elements"] += math.prod(t["shape"])
         k["bytes"] += sum(p["flat"][1] - p["flat"][0] for p in t["pieces"]) * _ITEMSIZE.get(t["dtype"], 0)
         k["dtypes"].add(t["dtype"])
-    order = [k for k in KINDS if k in kinds] + sorted(set(kinds) - set(KINDS))
+    known = kinds_of(index)
+    order = [k for k in known if k in kinds] + sorted(set(kinds) - set(known))
     return {
         "path": str(folder),
         "format": index["format"], "version": index["version"], "megazero_version": index.get("megazero_version"),
         "iteration": index["iteration"], "layout": index["layout"], "model": index["config"]["model"],
-        "state": index["state"],
+        "state": index["state"], "optimizer": optimizer_of(index),
         "parameters": kinds.get("model", {}).get("elements", 0),
         "rng": sorted(index.get("rng", {})),
         "files": {name: meta for name, meta in sorted(index["files"].items())},
@@ -149,8 +150,11 @@ def print_text(info: dict, table: list[dict] | None, verified: bool) -> None:
                                                        "vocab_size")}
     print(f"             {', '.join(f'{k}={v}' for k, v in sorted(others.items()))}")
     scaler = st.get("loss_scaler", {})
-    print(f"state        consumed samples {st['consumed_samples']:,}, optimizer steps {st['optimizer_steps']}, Adam "
-          f"steps {st['adam_steps']}, consecutive skipped steps {st['consecutive_skips']}, loss scaler "
+    opt = info["optimizer"]
+    rule = (f"{opt['type']} ({', '.join(opt['state']) or 'no state'})" if opt["type"] else "none saved")
+    print(f"state        consumed samples {st['consumed_samples']:,}, optimizer steps {st['optimizer_steps']}, "
+          f"optimizer {rule}, its steps {st['adam_steps']}, consecutive skipped steps {st['consecutive_skips']}, "
+          f"loss scaler "
           f"{', '.join(f'{k} {v}' for k, v in sorted(scaler.items())) or '-'}")
     print(f"rng          {len(info['rng'])} (pp, tp) stream sets" + (f": {', '.join(info['rng'])}" if info["rng"] else
                                                                      " (a loading run keeps its own seeds)"))

@@ -379,8 +379,6 @@ def from_hf(args: argparse.Namespace) -> None:
         full[f"model/{name}"] = value.to(dtype)
         if dtype != torch.float32:
             full[f"master/{name}"] = value.float()
-        full[f"exp_avg/{name}"] = torch.zeros(value.shape)  # fresh Adam (adam_steps 0): a plain --load works
-        full[f"exp_avg_sq/{name}"] = torch.zeros(value.shape)
     tensors = {n: (list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in full.items()}
     pr = cfg.precision
     scaler = build_loss_scaler(pr.params_dtype, pr.loss_scale, pr.initial_loss_scale, pr.loss_scale_window,
@@ -399,7 +397,9 @@ def from_hf(args: argparse.Namespace) -> None:
                                                          "streams": sorted(streams["streams"])}
     index = {"megazero_version": megazero.__version__, "iteration": 0, "layout": layout, "config": cfg.to_dict(),
              "state": {"iteration": 0, "consumed_samples": 0, "optimizer_steps": 0, "consecutive_skips": 0,
-                       "adam_steps": 0, "loss_scaler": scaler.state_dict()},
+                       "adam_steps": 0, "loss_scaler": scaler.state_dict(),
+                       # no optimizer state: a --load starts whichever optimizer the run uses fresh
+                       "optimizer": {"type": None, "state": []}},
              "rng": rng_index, "imported_from": {"path": str(src.resolve()), "format": "huggingface-gpt2"}}
     plan = plan_layout(cfg, args.target_dp)
     extra = [src / TOKENIZER_FILE] if (src / TOKENIZER_FILE).is_file() else []
@@ -410,7 +410,7 @@ def from_hf(args: argparse.Namespace) -> None:
           f"{mcfg.num_attention_heads} heads, vocab {mcfg.vocab_size}, positions {mcfg.max_positions}; "
           f"tp{layout['tp']} pp{layout['pp']} vp{layout['vp']} dp{layout['dp']} zero{layout['zero_stage']}, "
           f"{args.params_dtype}; "
-          f"Adam moments zero (adam_steps 0): a plain --load starts a fresh optimizer, {_size(path)}")
+          f"no optimizer state: a plain --load starts a fresh optimizer (any --optimizer), {_size(path)}")
     print(f"tokenizer: copied {path / TOKENIZER_FILE}" if extra
           else f"tokenizer: none ({src / TOKENIZER_FILE} not found)")
 

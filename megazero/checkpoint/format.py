@@ -5,8 +5,10 @@
     SAVE/iter_0000100/rank00003.safetensors   the pieces rank 3 owned when it saved
 
 Every stored tensor has a *global* identity "kind/name": kind is `model` (values in the model dtype),
-`master` (fp32 master weights; omitted when the model is fp32: the values are the masters),
-`exp_avg` or `exp_avg_sq` (Adam moments); name is the layout-independent parameter name
+`master` (fp32 master weights; omitted when the model is fp32: the values are the masters), or one
+of the per-parameter state tensors the run's update rule declares (optim/update_rules.py; Adam:
+`exp_avg`, `exp_avg_sq`; SGD: `momentum_buffer`; the index's state.optimizer lists them); name is the
+layout-independent parameter name
 (`layers.7.mlp.dense_h_to_4h.weight`: layer numbers are global). The index gives each tensor's global
 (logical, unpadded) shape and its *pieces*: a piece is a flat range [lo, hi) of the row-major
 flattening of a rectangular *region* of the global tensor (start/stop per dim). That is exactly what a
@@ -44,11 +46,51 @@ from megazero.fileio import atomic_open
 FORMAT_NAME, FORMAT_VERSION = "megazero-checkpoint", 1
 INDEX, LATEST = "index.json", "latest"
 LOCK = ".megazero-save.lock"  # held by rank 0 of the run saving into the folder (checkpoint/lock.py)
-KINDS = ("model", "master", "exp_avg", "exp_avg_sq")
+PARAM_KINDS = ("model", "master")  # every checkpoint's; the optimizer's state kinds follow (optimizer_of)
+ADAM_STATE = ("exp_avg", "exp_avg_sq")  # what checkpoints written before state.optimizer existed hold
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used as asked (one line naming the file and the problem)."""
+
+
+def optimizer_of(index: dict) -> dict:
+    """The optimizer whose state a checkpoint holds: {"type": update rule name or None (no state, e.g. a
+    Hugging Face import), "state": [declared state names]}. Checkpoints from before the field: the
+    configured Adam variant with its two moments."""
+    saved = index.get("state", {}).get("optimizer")
+    if saved is not None:
+        return saved
+    return {"type": index.get("config", {}).get("optimizer", {}).get("optimizer_type", "adamw"),
+            "state": list(ADAM_STATE)}
+
+
+def kinds_of(index: dict) -> list[str]:
+    """The tensor kinds a checkpoint may hold, in display order: model, master, the optimizer's state."""
+    return [*PARAM_KINDS, *optimizer_of(index)["state"]]
+
+
+# how a run selects each update rule, for the refusal's hint
+_SELECT = {"adamw": "--optimizer adam", "sgd": "--optimizer sgd",
+           "adam_l2": "a ds_config optimizer of type Adam with adam_w_mode false"}
+
+
+def check_optimizer_state(index: dict, mine: dict, where: Path) -> None:
+    """A checkpoint's optimizer state must be this run's update rule's ({"type", "state"}: the rule's
+    identity): another rule's is a one-line CheckpointError naming both and the way out."""
+    saved = optimizer_of(index)
+    if (saved["type"], list(saved["state"])) == (mine["type"], list(mine["state"])):
+        return
+
+    def shown(o: dict) -> str:
+        return f"{o['type']} ({', '.join(o['state']) or 'no state'})"
+    if saved["type"] == mine["type"]:  # e.g. SGD without momentum keeps no buffer
+        hint = "resume with the settings it was saved with (--sgd-momentum 0 keeps no momentum buffer)"
+    else:
+        hint = f"resume with {_SELECT.get(saved['type'], 'the optimizer it was saved with')}"
+    raise CheckpointError(f"{where}: the checkpoint holds the state of optimizer {shown(saved)}, this run uses "
+                          f"{shown(mine)}; {hint}, or pass --no-load-optim to load the weights and start "
+                          f"{mine['type']} from fresh state")
 
 
 def iteration_dirname(iteration: int) -> str:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, CheckpointError, Piece, commit,
+from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, PARAM_KINDS, CheckpointError, Piece, commit,
                                         partial_dir, prepare_partial, rank_filename, sha256_of, write_rank_file)
 from megazero.checkpoint.api import build_gpt, single_process_group
 from megazero.checkpoint.state import _logical_shape, _region, writes_fragment
@@ -155,6 +155,9 @@ def write_layout(save: Path, index: dict, plan: list[PlannedPiece], tensors: dic
     for piece in plan:
         by_rank.setdefault(piece.rank, []).append(piece)
     ranks = sorted(set(by_rank) | set(rng or {}))
+    # model and master first, then whatever optimizer state the tensors carry (any update rule's names)
+    state_kinds = sorted({n.split("/", 1)[0] for n in tensors} - set(PARAM_KINDS))
+    kinds = [*PARAM_KINDS, *state_kinds]
     folder = prepare_partial(save, iteration)
     try:
         entries: dict[str, dict] = {}
@@ -162,7 +165,7 @@ def write_layout(save: Path, index: dict, plan: list[PlannedPiece], tensors: dic
         for rank in ranks:
             fname, out = rank_filename(rank), {}
             for piece in by_rank.get(rank, []):
-                for kind in KINDS:
+                for kind in kinds:
                     full_name = f"{kind}/{piece.name}"
                     if full_name not in tensors:
                         continue

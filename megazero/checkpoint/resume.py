@@ -1,16 +1,17 @@
 """Start-up's resume decisions (#11 item 6), before any process group exists: which checkpoint
 `--load` names, whether there is anything left to do, what the resumed run keeps of the checkpoint's
-config (its global batch on another process count, its run folder), and whether the model shapes
-agree. pretrain_gpt.py calls `resolve_resume` after parsing and `check_resume_model` once the
-vocabulary is known; every message and error is the one-line kind (ConfigError / CheckpointError)."""
+config (its global batch on another process count, its run folder), whether its optimizer state is
+this run's optimizer's, and whether the model shapes agree. pretrain_gpt.py calls `resolve_resume`
+after parsing and `check_resume_model` once the vocabulary is known; every message and error is the one-line kind (ConfigError / CheckpointError)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from megazero.checkpoint.format import find_checkpoint, read_index
+from megazero.checkpoint.format import check_optimizer_state, find_checkpoint, read_index
 from megazero.config import RunConfig
 from megazero.errors import ConfigError
+from megazero.optim.update_rules import build_update_rule
 
 
 class NothingToDo(Exception):
@@ -28,6 +29,9 @@ def resolve_resume(cfg: RunConfig, world_size: int, log) -> tuple[RunConfig, Pat
     if nothing_to_do(cfg, folder, log):
         raise NothingToDo(str(folder))
     cfg = keep_checkpoint_batch(cfg, folder, world_size, log)
+    index = read_index(folder)
+    if not (cfg.checkpoint.no_load_optim or cfg.checkpoint.finetune) and index["state"]["adam_steps"] > 0:
+        check_optimizer_state(index, build_update_rule(cfg.optimizer).identity(), folder / "index.json")
     return keep_run_dir(cfg, folder), folder
 
 

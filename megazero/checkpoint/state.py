@@ -4,7 +4,7 @@ What is saved is a CheckpointSubject the trainer hands over: its TrainState (cou
 streams), its ZeroEngine (export_state / import_state), the model chunks (names), topology and config.
 
 Save: every rank writes the pieces it owns (its tensor-parallel region x its ZeRO fragment of each
-parameter: model values, fp32 masters, Adam moments), skipping copies another rank writes (TP-
+parameter: model values, fp32 masters, the update rule's state), skipping copies another rank writes (TP-
 replicated parameters: tp rank 0; stage 0: dp rank 0; the tied embedding copy on the last stage);
 dp-rank-0 ranks add their (pp, tp) RNG streams. Rank 0 gathers the piece lists, writes the index and
 commits. No tensor travels between ranks. Each phase ends with the ranks agreeing on errors: a write
@@ -14,7 +14,8 @@ happens) is one CheckpointSaveError on every rank, the partial folder removed, `
 Load: every rank reads, for each fragment it owns in *its* layout, the tensor-parallel region of the
 global tensor and keeps its flat range; stages 1-2 then all-gather the parameter buffer as after a
 step (ZeroEngine.import_state). The TrainState's counters, loss scaler and (same tp/pp/vp only) RNG
-streams are restored too.
+streams are restored too. The index records which update rule's state it holds (state.optimizer);
+loading it into a run of another rule is refused unless the optimizer state is not loaded.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from safetensors import SafetensorError
 
 import megazero
 from megazero import comm
-from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, KINDS, CheckpointError, CheckpointReader, Piece,
+from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, CheckpointReader, Piece,
                                         commit, iteration_dirname, partial_dir, prepare_partial, rank_filename,
-                                        sha256_of, write_rank_file)
-from megazero.tensor_parallel.sharding import counts_toward_norm
+                                        check_optimizer_state, sha256_of, write_rank_file)
 from megazero.optim.train_state import TrainState
-from megazero.tensor_parallel.sharding import ShardSpec, get_shard_spec
+from megazero.tensor_parallel.sharding import ShardSpec, counts_toward_norm, get_shard_spec
 from megazero.topology import Topology
 from megazero.zero.engine import ZeroEngine
 
@@ -150,13 +150,13 @@ def save_checkpoint(subject: CheckpointSubject, save: str | Path, keep_last: int
     tensors: dict[str, torch.Tensor] = {}
     entries: list[tuple[str, list[int], str, dict]] = []  # (kind/name, logical shape, dtype, piece json)
     fname = rank_filename(topo.rank)
-    for (master, exp_avg, exp_avg_sq), f, value in zip(exported["state"], exported["fragments"], exported["values"]):
+    for (master, opt_state), f, value in zip(exported["state"], exported["fragments"], exported["values"]):
         spec = get_shard_spec(f.param)
         if not writes_fragment(f.param, topo.tp_rank, topo.dp_rank, engine.stage):
             continue
         name = names[id(f.param)]
         start, stop = _region(spec)
-        for kind, t in zip(KINDS, (value, master, exp_avg, exp_avg_sq)):
+        for kind, t in (("model", value), ("master", master), *opt_state.items()):
             if t is None:
                 continue
             key = f"{kind}/{name}/{f.param_lo}"
@@ -214,7 +214,7 @@ def save_checkpoint(subject: CheckpointSubject, save: str | Path, keep_last: int
         index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "megazero_version": megazero.__version__,
                  "iteration": iteration, "layout": layout_dict(subject.cfg, topo.dp),
                  "config": subject.cfg.to_dict(),
-                 "state": subject.state.to_index(exported["step_count"]), "tensors": {}, "files": {}, "rng": {}}
+                 "state": subject.state.to_index(exported["step_count"], exported["optimizer"]), "tensors": {}, "files": {}, "rng": {}}
         tokenizer_copy = folder / "tokenizer.model"
         if tokenizer_copy.is_file():
             index["files"][tokenizer_copy.name] = {"sha256": sha256_of(tokenizer_copy),
@@ -265,9 +265,9 @@ def load_checkpoint(subject: CheckpointSubject, folder: Path, *, load_optim: boo
     errors = [e for e in comm.all_gather_object(error, subject.topo.world_group) if e]
     if errors:
         raise CheckpointError(errors[0])
-    index, values, masters, exp_avgs, exp_avg_sqs, rng = plan
+    index, values, masters, opt_states, rng = plan
     state = index["state"]
-    subject.engine.import_state(values, masters, exp_avgs, exp_avg_sqs, state["adam_steps"] if with_optim else 0)
+    subject.engine.import_state(values, masters, opt_states, state["adam_steps"] if with_optim else 0)
     if not finetune:
         subject.state.restore(state, loss_scaler=with_optim)
     if rng is not None:
@@ -293,7 +293,10 @@ def _read_for_this_rank(subject: CheckpointSubject, folder: Path, with_optim: bo
     topo = subject.topo
     names = _param_names(subject)
     has_master = any(n.startswith("master/") for n in reader.tensors)
-    values, masters, exp_avgs, exp_avg_sqs = [], [], [], []
+    # the optimizer state is read when loaded and stepped at all (else every rule starts from its
+    # initial state: a checkpoint of step 0, a Hugging Face import, --no-load-optim)
+    state_names = _optimizer_state_to_read(index, subject, where) if with_optim else None
+    values, masters, opt_states = [], [], [] if state_names is not None else None
     for f, dtype in zip(subject.engine.fragments(), subject.engine.value_dtypes()):
         spec = get_shard_spec(f.param)
         name = names[id(f.param)]
@@ -312,8 +315,8 @@ def _read_for_this_rank(subject: CheckpointSubject, folder: Path, with_optim: bo
         # the stored values when the dtypes agree (exact resume), else the fp32 master rounded once
         values.append(model if model.dtype == dtype else master.to(dtype))
         masters.append(master)
-        exp_avgs.append(fragment("exp_avg") if with_optim else torch.zeros_like(master))
-        exp_avg_sqs.append(fragment("exp_avg_sq") if with_optim else torch.zeros_like(master))
+        if opt_states is not None:
+            opt_states.append({n: fragment(n) for n in state_names})
     rng = None
     saved = index["layout"]
     entry = index.get("rng", {}).get(f"pp{topo.pp_rank}.tp{topo.tp_rank}")  # none after an offline reshard
@@ -321,4 +324,14 @@ def _read_for_this_rank(subject: CheckpointSubject, folder: Path, with_optim: bo
     if with_rng and entry is not None and same_grid:
         get = lambda k: reader.get(entry["file"], f"{entry['prefix']}/{k}")  # noqa: E731
         rng = {"streams": {s: get(s) for s in entry["streams"]}, "ambient": get("ambient")}
-    return index, values, masters, exp_avgs, exp_avg_sqs, rng
+    return index, values, masters, opt_states, rng
+
+
+def _optimizer_state_to_read(index: dict, subject: CheckpointSubject, where: Path) -> list[str] | None:
+    """The state names to read (None: nothing to read, the rule starts fresh: a checkpoint whose rule
+    never stepped). Another rule's state is refused in one line (format.check_optimizer_state)."""
+    if index["state"]["adam_steps"] == 0:
+        return None
+    mine = subject.engine.optimizer_identity()
+    check_optimizer_state(index, mine, where)
+    return list(mine["state"])

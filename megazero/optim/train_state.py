@@ -20,11 +20,16 @@ class TrainState:
     optimizer_steps: int = 0  # successful steps: the lr schedule advances only on these (Megatron)
     consecutive_skips: int = 0
 
-    def to_index(self, adam_steps: int) -> dict:
-        """The checkpoint index's "state" (keys and order as every checkpoint has written them)."""
-        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-                "optimizer_steps": self.optimizer_steps, "consecutive_skips": self.consecutive_skips,
-                "adam_steps": adam_steps, "loss_scaler": self.scaler.state_dict()}
+    def to_index(self, rule_steps: int, optimizer: dict | None = None) -> dict:
+        """The checkpoint index's "state". `adam_steps` keeps its name from the first format version but
+        is the update rule's step count whatever the rule; `optimizer` ({"type", "state"}: the rule's
+        name and declared state names) says which rule's state the checkpoint holds."""
+        out = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+               "optimizer_steps": self.optimizer_steps, "consecutive_skips": self.consecutive_skips,
+               "adam_steps": rule_steps, "loss_scaler": self.scaler.state_dict()}
+        if optimizer is not None:
+            out["optimizer"] = optimizer
+        return out
 
     def restore(self, saved: dict, *, loss_scaler: bool) -> None:
         """Counters from an index's "state"; the loss scaler too when the optimizer state is loaded."""

@@ -4,7 +4,7 @@ The step, on one screen (DESIGN.md principle 8):
 
     zero.start_step -> schedule (this rank's pipeline plan: forward/backward over microbatches,
     loss scaled) -> zero.finish_grad_sync (DP reduction, tied embeddings across first/last stage)
-    -> zero.step (overflow check, grad norm, unscale + clip, AdamW on owned fragments, parameter
+    -> zero.step (overflow check, grad norm, unscale + clip, update rule on owned fragments, parameter
     gather) -> loss-scale update -> log
 
 `train()` returns the per-iteration history (loss, grad norm, lr) that layout-parity tests compare.
@@ -127,7 +127,8 @@ class Trainer:
                  f"{m.padded_vocab_size(topo.tp)}); {topo.tp}-way tensor x {topo.pp}-way pipeline"
                  f"{f' (interleaved, {self.vp} chunks per stage)' if self.vp > 1 else ''} x {topo.dp}-way data parallel; "
                  f"global batch {self.global_batch} = micro {cfg.micro_batch_size(topo.world_size)} x {self.num_microbatches} "
-                 f"accumulation x {topo.dp} dp; ZeRO stage {cfg.zero.stage}, {pr.params_dtype}")
+                 f"accumulation x {topo.dp} dp; ZeRO stage {cfg.zero.stage}, {pr.params_dtype}; "
+                 f"optimizer {self.zero.optimizer.rule.describe()}")
         if self.zero.optimizer.offload is not None:
             self.log(self.zero.optimizer.offload.describe() + " (rank 0)")
         self.run_dir = run_dir

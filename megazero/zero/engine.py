@@ -3,7 +3,7 @@ for the trainer, which sees four calls per step:
 
     zero.start_step(num_microbatches)     before the schedule
     zero.finish_grad_sync()               after it: DP reduction done, tied embeddings summed
-    result = zero.step(lr, clip, scale)   norm, clip, AdamW on owned fragments, parameter gather
+    result = zero.step(lr, clip, scale)   norm, clip, the update rule on owned fragments, parameter gather
     zero.release_params()                 after evaluation (stage 3 frees gathered units)
 
 and `close()` at the end of the run (removes NVMe offload files).
@@ -17,6 +17,7 @@ from torch import nn
 from megazero import comm
 from megazero.config import OptimizerConfig, ZeroConfig
 from megazero.errors import ConfigError
+from megazero.optim.update_rules import build_update_rule
 from megazero.tensor_parallel.sharding import get_shard_spec
 from megazero.topology import Topology
 from megazero.zero.grad_sync import GradSync
@@ -99,12 +100,17 @@ class ZeroEngine:
     # ----- checkpoints (megazero/checkpoint/state.py) ---------------------------------------------------
     def export_state(self) -> dict:
         """What a checkpoint saves of this rank's ZeRO state, collectives finished first: per owned
-        fragment (same order) the fragment, its model-dtype values and (master or None, exp_avg,
-        exp_avg_sq) (ZeroOptimizer.export_state), and the optimizer's step count."""
+        fragment (same order) the fragment, its model-dtype values and (master or None, {state name:
+        tensor}) (ZeroOptimizer.export_state); the update rule's name and declared state names, and its
+        step count."""
         self.wait()
         opt = self.optimizer
         return {"fragments": list(opt.fragments), "values": list(opt.values), "state": opt.export_state(),
-                "step_count": opt.step_count()}
+                "optimizer": self.optimizer_identity(), "step_count": opt.step_count()}
+
+    def optimizer_identity(self) -> dict:
+        """{"type": the update rule's name, "state": its declared state names}: what checkpoints record."""
+        return self.optimizer.rule.identity()
 
     def fragments(self) -> list:
         """This rank's owned fragments (what export_state / import_state list, in that order)."""
@@ -114,14 +120,15 @@ class ZeroEngine:
         return [v.dtype for v in self.optimizer.values]
 
     @torch.no_grad()
-    def import_state(self, values: list[torch.Tensor], masters: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                     exp_avg_sqs: list[torch.Tensor], step_count: int) -> None:
-        """Set every owned fragment's model-dtype values, fp32 master and moments and the step count,
-        then rebuild what depends on them (stages 1-2: every rank's shard into the full parameter buffer)."""
+    def import_state(self, values: list[torch.Tensor], masters: list[torch.Tensor],
+                     states: list[dict[str, torch.Tensor]] | None, step_count: int) -> None:
+        """Set every owned fragment's model-dtype values, fp32 master and the update rule's state (None:
+        its initial state) and the step count, then rebuild what depends on them (stages 1-2: every
+        rank's shard into the full parameter buffer)."""
         self.wait()
         for value, v in zip(self.optimizer.values, values):
             value.copy_(v)
-        self.optimizer.import_state(masters, exp_avgs, exp_avg_sqs, step_count)
+        self.optimizer.import_state(masters, states, step_count)
         self.storage.after_step()
         self.wait()
 
@@ -150,7 +157,8 @@ def _build_optimizer(layout, grads, storage, weight_decay, opt: OptimizerConfig,
     except OSError as err:
         if zero.offload_optimizer != "nvme":
             raise
-        need = 12 * sum(f.numel for f in layout.fragments_of_rank(topo.dp_rank, whole=stage.owns_whole_buffer))
+        rows = 1 + len(build_update_rule(opt, offload=True).state)  # fp32 master + the rule's state
+        need = 4 * rows * sum(f.numel for f in layout.fragments_of_rank(topo.dp_rank, whole=stage.owns_whole_buffer))
         error = (f"--offload-nvme-path {zero.offload_nvme_path}: cannot create the optimizer-state files of rank "
                  f"{topo.rank} ({need / 2**20:.1f} MiB): {err.strerror or err}; free space there or choose "
                  f"another path")

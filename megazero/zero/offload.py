@@ -1,18 +1,21 @@
-"""Optimizer offload: the fp32 master weights and Adam moments of this rank's fragments live in host
-memory (`cpu`) or in files under an NVMe path (`nvme`), and megatron_kernels' one-pass CPU Adam steps
-them. The device keeps only the model-dtype parameters and the reduced gradients.
+"""Optimizer offload: the fp32 master weights and the update rule's state (optim/update_rules.py: Adam
+moments, SGD momentum) of this rank's fragments live in host memory (`cpu`) or in files under an NVMe
+path (`nvme`), and the host steps them (`UpdateRule.host_step`: megatron_kernels' one-pass CPU Adam for
+Adam, torch's op sequence for SGD). The device keeps only the model-dtype parameters and the reduced
+gradients.
 
 Owned fragments (zero/layout.py) are cut into *pieces* and packed into *sub-groups* of at most
 `sub_group_size` elements; within a sub-group the decayed pieces come first, so one sub-group is at
-most two kernel calls. A sub-group's state is one fp32 block of shape (3, n): rows master, exp_avg,
-exp_avg_sq (also the byte layout of its NVMe file, padded to 4 KiB).
+most two kernel calls. A sub-group's state is one fp32 block of shape (1 + k, n): row 0 the master,
+then the rule's k declared state tensors in order (Adam: exp_avg, exp_avg_sq); also the byte layout of
+its NVMe file, padded to 4 KiB.
 
 One step (after the ZeRO optimizer has checked overflow and computed the clip coefficient):
 
     cpu:  gradients were copied to host (fp32) bucket by bucket as each bucket's reduction
           completed (GradSync.register_bucket_reduced_hook), overlapping the rest of backward
-          for each sub-group: CPU Adam (unscale x clip folded into grad_scale; writes the bf16/fp16
-          copy when the model is low precision) -> copy updated values to the device
+          for each sub-group: the rule's host step (unscale x clip as grad_scale; writes the
+          bf16/fp16 copy when the model is low precision) -> copy updated values to the device
     nvme: two slots ("double buffering"): while sub-group i is stepped in one slot, sub-group i+1 is
           read into the other; sub-group i is written back asynchronously as soon as it is done.
           Host memory holds two slots whatever the model size; gradients are copied per sub-group.
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_kernels.cpu_adam import cpu_adam_step
+from megazero.optim.update_rules import CpuAdam, UpdateRule
 
 ALIGN = 4096  # O_DIRECT: buffer address, file offset and length multiples
 
@@ -123,10 +126,10 @@ class _DeviceSync:
 
 
 class HostStateStore:
-    """cpu: every sub-group's (3, n) state resident in (pinned) host memory."""
+    """cpu: every sub-group's (rows, n) state resident in (pinned) host memory."""
 
-    def __init__(self, sizes: list[int], pin: bool):
-        self.blocks = [host_empty((3, n), torch.float32, pin) for n in sizes]
+    def __init__(self, sizes: list[int], rows: int, pin: bool):
+        self.blocks = [host_empty((rows, n), torch.float32, pin) for n in sizes]
 
     def init(self, i: int) -> torch.Tensor:
         return self.blocks[i]
@@ -164,12 +167,12 @@ def _io(fn, fd: int, buf: torch.Tensor, nbytes: int) -> None:
 class NvmeStateStore:
     """nvme: one file per sub-group under a private folder of `path`; two aligned host slots."""
 
-    def __init__(self, sizes: list[int], path: str, rank_tag: str, pin: bool):
-        self.sizes = sizes
+    def __init__(self, sizes: list[int], rows: int, path: str, rank_tag: str, pin: bool):
+        self.sizes, self.rows = sizes, rows
         self.dir = tempfile.mkdtemp(prefix=f"megazero-offload-{rank_tag}-", dir=path)
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)  # also at interpreter exit
-        self.nbytes_of = [-(-3 * n * 4 // ALIGN) * ALIGN for n in sizes]
-        slot_numel = 3 * max(sizes, default=0)
+        self.nbytes_of = [-(-rows * n * 4 // ALIGN) * ALIGN for n in sizes]
+        slot_numel = rows * max(sizes, default=0)
         self.slots = [aligned_host_empty(slot_numel, torch.float32, pin) for _ in range(min(2, len(sizes)))]
         self.slot_sync: list[_DeviceSync | None] = [None] * len(self.slots)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="megazero-nvme")
@@ -197,7 +200,7 @@ class NvmeStateStore:
         return os.open(name, flags, 0o600)
 
     def _block(self, slot: int, i: int) -> torch.Tensor:
-        return self.slots[slot][:3 * self.sizes[i]].view(3, self.sizes[i])
+        return self.slots[slot][:self.rows * self.sizes[i]].view(self.rows, self.sizes[i])
 
     def _wait_slot(self, slot: int) -> None:
         if slot in self.writes:
@@ -287,16 +290,20 @@ def _filesystem_of(path: str) -> str | None:
     return best[1] if best else None
 
 
-class OffloadedAdam:
-    """Adam(W) over host- or NVMe-resident state for the ZeRO optimizer's fragments."""
+class OffloadedOptimizer:
+    """An update rule over host- or NVMe-resident state for the ZeRO optimizer's fragments."""
 
-    def __init__(self, values: list[torch.Tensor], decays: list[bool], *, mode: str, sub_group_size: int,
-                 nvme_path: str | None, rank_tag: str, device: torch.device, lr: float, betas: tuple[float, float],
-                 eps: float, weight_decay: float, adamw: bool):
+    def __init__(self, values: list[torch.Tensor], decays: list[bool], rule: UpdateRule, *, mode: str,
+                 sub_group_size: int, nvme_path: str | None, rank_tag: str, device: torch.device,
+                 weight_decay: float):
         """values: each fragment's current values (device views in the model dtype; written after each
-        step); decays: whether AdamW decays each fragment."""
-        self.values, self.mode, self.device = values, mode, device
-        self.betas, self.eps, self.weight_decay, self.adamw = betas, eps, weight_decay, adamw
+        step); decays: whether the rule decays each fragment (by `weight_decay`)."""
+        if any(st.dtype != torch.float32 for st in rule.state):
+            raise NotImplementedError(f"optimizer offload keeps fp32 state rows; {rule.name} declares "
+                                      f"{[(st.name, st.dtype) for st in rule.state]}")
+        self.values, self.mode, self.device, self.rule = values, mode, device, rule
+        self.weight_decay = weight_decay
+        self.rows = 1 + len(rule.state)  # master, then the rule's state in declared order
         self.step_count = 0  # successful steps (torch's state["step"])
         self._reverse = True  # nvme: direction of the next pass over the sub-groups
         pin = device.type == "cuda"
@@ -307,12 +314,12 @@ class OffloadedAdam:
         self.runs = [_runs(g) for g in self.groups]
         self.sync = [_DeviceSync(device) for _ in sizes]
         if mode == "cpu":
-            self.store = HostStateStore(sizes, pin)
+            self.store = HostStateStore(sizes, self.rows, pin)
             # gradients arrive bucket by bucket during backward; resident fp32 per sub-group
             self.grads = [host_empty(n, torch.float32, pin) for n in sizes]
             self.lp = [host_empty(n, self.model_dtype, pin) for n in sizes] if self.low_precision else None
         else:
-            self.store = NvmeStateStore(sizes, nvme_path, rank_tag, pin)
+            self.store = NvmeStateStore(sizes, self.rows, nvme_path, rank_tag, pin)
             window = max(sizes, default=0)
             self.grads = [host_empty(window, torch.float32, pin) for _ in range(min(2, len(sizes)))]
             self.lp = [host_empty(window, self.model_dtype, pin) for _ in self.grads] if self.low_precision else None
@@ -334,7 +341,7 @@ class OffloadedAdam:
     def _initialise(self) -> None:
         for i, pieces in enumerate(self.groups):
             block = self.store.init(i)
-            block[1:].zero_()
+            block[1:].zero_()  # every rule's initial state is zeros (UpdateRule.init_state)
             for p in pieces:
                 block[0, p.offset:p.offset + p.numel].copy_(self.values[p.fragment][p.lo:p.hi])
             self.store.release(i)
@@ -380,7 +387,7 @@ class OffloadedAdam:
             raise
 
     def _step_in_order(self, order: list[int], grads: list[torch.Tensor], grad_scale: float, lr: float) -> None:
-        beta1, beta2 = self.betas
+        names = self.rule.state_names
         for pos, i in enumerate(order):
             pieces = self.groups[i]
             state = self.store.acquire(i, order[pos + 1] if pos + 1 < len(order) else None)
@@ -394,10 +401,10 @@ class OffloadedAdam:
                 grad = self._grad_buffer(i)
             lp = self._lp_buffer(i)
             for start, end, decays in self.runs[i]:
-                cpu_adam_step(state[0, start:end], grad[start:end], state[1, start:end], state[2, start:end],
-                              step=self.step_count, lr=lr, beta1=beta1, beta2=beta2, eps=self.eps,
-                              weight_decay=self.weight_decay if decays else 0.0, grad_scale=grad_scale,
-                              adamw=self.adamw, low_precision_out=lp[start:end] if lp is not None else None)
+                self.rule.host_step(state[0, start:end], grad[start:end],
+                                    {n: state[1 + k, start:end] for k, n in enumerate(names)},
+                                    lr=lr, step=self.step_count, weight_decay=self.weight_decay if decays else 0.0,
+                                    grad_scale=grad_scale, low_precision_out=lp[start:end] if lp is not None else None)
             updated = lp if lp is not None else state[0]
             for p in pieces:
                 self.values[p.fragment][p.lo:p.hi].copy_(updated[p.offset:p.offset + p.numel], non_blocking=True)
@@ -407,13 +414,15 @@ class OffloadedAdam:
         self.store.finish()
 
     def describe(self) -> str:
-        """One line for the run log: where the state lives and which CPU Adam path steps it."""
-        from megatron_kernels.build import build_error
-        from megatron_kernels.cpu_adam import _use_kernel, kernel_description
+        """One line for the run log: where the state lives and what steps it (which CPU Adam path)."""
+        adam = f"{self.rule.describe()} stepped by torch on the host"
+        if isinstance(self.rule, CpuAdam):
+            from megatron_kernels.build import build_error
+            from megatron_kernels.cpu_adam import _use_kernel, kernel_description
 
-        kernel = kernel_description() if _use_kernel() else None  # e.g. "avx512, sqrt torch"
-        adam = (f"CPU Adam kernel ({kernel})" if kernel else
-                f"CPU Adam reference ({'MEGATRON_KERNELS_FORCE_REFERENCE=1' if not _use_kernel() else build_error('cpu_adam')})")
+            kernel = kernel_description() if _use_kernel() else None  # e.g. "avx512, sqrt torch"
+            adam = (f"CPU Adam kernel ({kernel})" if kernel else f"CPU Adam reference "
+                    f"({'MEGATRON_KERNELS_FORCE_REFERENCE=1' if not _use_kernel() else build_error('cpu_adam')})")
         mib = 2**20
         where = "host memory"
         if isinstance(self.store, NvmeStateStore):
@@ -426,9 +435,9 @@ class OffloadedAdam:
 
     # ----- checkpoints ------------------------------------------------------------------------------
     def export_state(self) -> list[torch.Tensor]:
-        """Each fragment's (3, numel) fp32 state (master, exp_avg, exp_avg_sq), on the host; nvme reads
-        every sub-group once (the whole state passes through host memory)."""
-        out = [torch.empty(3, v.numel()) for v in self.values]
+        """Each fragment's (1 + k, numel) fp32 state (master, then the rule's state in declared order), on
+        the host; nvme reads every sub-group once (the whole state passes through host memory)."""
+        out = [torch.empty(self.rows, v.numel()) for v in self.values]
         for i, pieces in enumerate(self.groups):
             block = self.store.acquire(i)
             for p in pieces:
@@ -460,3 +469,15 @@ class OffloadedAdam:
 
     def close(self) -> None:
         self.store.close()
+
+
+class OffloadedAdam(OffloadedOptimizer):
+    """OffloadedOptimizer with the CPU Adam rule, built from Adam's hyperparameters (tests, bench/)."""
+
+    def __init__(self, values: list[torch.Tensor], decays: list[bool], *, mode: str, sub_group_size: int,
+                 nvme_path: str | None, rank_tag: str, device: torch.device, lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float, adamw: bool):
+        del lr  # each step passes its own
+        super().__init__(values, decays, CpuAdam(betas, eps, decoupled=adamw), mode=mode,
+                         sub_group_size=sub_group_size, nvme_path=nvme_path, rank_tag=rank_tag, device=device,
+                         weight_decay=weight_decay)

@@ -3,17 +3,21 @@
 A *fragment* is the part of a parameter inside this rank's owned range (layout.py): the whole
 parameter at stage 0, its intersection with this rank's 1/dp shard of each bucket at stages 1-3. Each
 fragment has an fp32 master tensor (the stored values themselves when the model is fp32, else an fp32
-copy of the bf16/fp16 values) stepped by torch's AdamW, so the update is exactly AdamW's on every
+copy of the bf16/fp16 values) and the per-parameter state its update rule declares
+(optim/update_rules.py: exp_avg / exp_avg_sq for Adam, momentum_buffer for SGD), sharded like the
+fragment. The rule is torch's own op sequence, so the update is exactly torch's AdamW / SGD on every
 element whatever the sharding. One step:
 
     found_inf = any non-finite gradient on any rank      (all-reduced over dp and tp x pp)
     if found_inf: skip (nothing changes)
     norm = global L2 norm of the unscaled gradients, every element counted once
     grads *= (1 / loss_scale) * min(1, clip / (norm + 1e-6))
-    AdamW step on the masters; copy masters back into the model dtype; (stages 1-2) all-gather
+    rule step on the masters (per decay group); copy masters back into the model dtype;
+    (stages 1-2) all-gather
 
-With offload (offload.py) the masters and moments live in host memory or NVMe files instead and the
-CPU Adam steps them; everything up to the clip coefficient is the same code.
+With offload (offload.py) the masters and the rule's state live in host memory or NVMe files instead
+and the host steps them (Adam: the CPU Adam kernel); everything up to the clip coefficient is the same
+code.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import torch
 
 from megazero import comm
 from megazero.config import OptimizerConfig
+from megazero.optim.update_rules import build_update_rule
 from megazero.tensor_parallel.sharding import counts_toward_norm
 from megazero.zero.grad_sync import GradSync
 from megazero.zero.layout import BufferLayout
-from megazero.zero.offload import OffloadedAdam
+from megazero.zero.offload import OffloadedOptimizer
 from megazero.zero.param_storage import ParamStorage
 from megazero.zero.stage import ZeroStage
 
@@ -48,24 +53,26 @@ class ZeroOptimizer:
     def __init__(self, layout: BufferLayout, grads: GradSync, storage: ParamStorage, weight_decay: dict[int, bool],
                  cfg: OptimizerConfig, *, stage: ZeroStage, dp_rank: int, tp_rank: int, dp_group, model_group,
                  offload: dict | None = None):
-        """weight_decay: id(param) -> whether AdamW decays it (see `decays`). offload: None, or
-        OffloadedAdam's keyword arguments mode / sub_group_size / nvme_path / rank_tag."""
+        """weight_decay: id(param) -> whether the rule decays it (see `decays`). offload: None, or
+        OffloadedOptimizer's keyword arguments mode / sub_group_size / nvme_path / rank_tag."""
         self.grads, self.storage, self.stage = grads, storage, stage
         self.dp_group, self.model_group = dp_group, model_group
+        self.rule = build_update_rule(cfg, offload=offload is not None)
+        self.weight_decay = cfg.weight_decay
         self.fragments = layout.fragments_of_rank(dp_rank, whole=stage.owns_whole_buffer)
         self.device = grads.device
         self.values = [storage.owned_values(f) for f in self.fragments]
+        self.decays = [weight_decay[id(f.param)] for f in self.fragments]
         # views into the gradient storage, which is allocated once and zeroed in place every step
         self.grad_views = [grads.fragment_grad(f) for f in self.fragments]
         self._owned_buckets = {f.bucket for f in self.fragments}
         self.counted = [counts_toward_norm(f.param, tp_rank) for f in self.fragments]
+        self.steps = 0  # successful updates (torch's state["step"]); the offloaded optimizer keeps its own
         self.offload = None
         if offload is not None:
-            self.masters, self.optimizer = [], None
-            self.offload = OffloadedAdam(
-                self.values, [weight_decay[id(f.param)] for f in self.fragments], device=self.device, lr=cfg.lr,
-                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                adamw=cfg.optimizer_type == "adamw", **offload)
+            self.masters, self.state = [], []
+            self.offload = OffloadedOptimizer(self.values, self.decays, self.rule, device=self.device,
+                                              weight_decay=cfg.weight_decay, **offload)
             self._host_grads = set()  # buckets whose gradients reached the host this step
             if offload["mode"] == "cpu":
                 self._fragments_of_bucket: dict[int, list[int]] = {}
@@ -74,16 +81,9 @@ class ZeroOptimizer:
                 grads.register_bucket_reduced_hook(self._bucket_reduced)
             return
         # fp32 models step their stored values in place; others keep fp32 master copies
-        self.masters = [torch.nn.Parameter(v if v.dtype == torch.float32 else v.detach().float().clone())
-                        for v in self.values]
-        decay = [m for m, f in zip(self.masters, self.fragments) if weight_decay[id(f.param)]]
-        no_decay = [m for m, f in zip(self.masters, self.fragments) if not weight_decay[id(f.param)]]
-        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        cls = torch.optim.AdamW if cfg.optimizer_type == "adamw" else torch.optim.Adam
-        # A rank whose shards hold only padding owns nothing to step (tiny models, large dp).
-        self.optimizer = cls(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps) \
-            if groups else None
+        self.masters = [v if v.dtype == torch.float32 else v.detach().float().clone() for v in self.values]
+        # the rule's declared state, per owned fragment: what ZeRO shards (a 1/dp share of each bucket)
+        self.state = [self.rule.init_state(m.numel(), m.device) for m in self.masters]
         # (master, value) pairs that are separate tensors: the model dtype is not fp32
         self._copy_back = [(m, v) for m, v in zip(self.masters, self.values) if m.data_ptr() != v.data_ptr()]
 
@@ -127,72 +127,61 @@ class ZeroOptimizer:
             self._host_grads = set()
             self.offload.step(grads, coeff, lr, host_grads_ready=ready)
             return StepResult(norm, skipped=False)
-        for master, g in zip(self.masters, grads):
+        self.steps += 1
+        for g in grads:
             if coeff != 1.0:
                 g.mul_(coeff)
-            master.grad = g if g.dtype == torch.float32 else g.float()
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+        for decay in (True, False):  # torch.optim's order: the decayed param group first
+            owned = [i for i, d in enumerate(self.decays) if d == decay]
+            if owned:  # a rank whose shards hold only padding owns nothing to step (tiny models, large dp)
+                self.rule.step([self.masters[i] for i in owned], [grads[i].float() for i in owned],
+                               {n: [self.state[i][n] for i in owned] for n in self.rule.state_names},
+                               lr=lr, step=self.steps, weight_decay=self.weight_decay if decay else 0.0)
         for master, value in self._copy_back:
             value.copy_(master)
-        for master in self.masters:
-            master.grad = None
         return StepResult(norm, skipped=False)
 
     # ----- checkpoints (megazero/checkpoint/) ----------------------------------------------------------
     def step_count(self) -> int:
-        if self.offload is not None:
-            return self.offload.step_count
-        for state in (self.optimizer.state.values() if self.optimizer is not None else ()):
-            return int(state["step"])
-        return 0
+        return self.offload.step_count if self.offload is not None else self.steps
 
     @torch.no_grad()
-    def export_state(self) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
-        """Per owned fragment: (fp32 master or None when the model is fp32 and the values are the
-        masters, exp_avg, exp_avg_sq), flat, whatever the optimizer's home."""
+    def export_state(self) -> list[tuple[torch.Tensor | None, dict[str, torch.Tensor]]]:
+        """Per owned fragment: (fp32 master, or None when the model is fp32 and the values are the
+        masters; {state name: tensor} as the rule declares), flat, whatever the optimizer's home."""
         fp32 = all(v.dtype == torch.float32 for v in self.values)
+        names = self.rule.state_names
         if self.offload is not None:
-            return [(None if fp32 else s[0], s[1], s[2]) for s in self.offload.export_state()]
-        out = []
-        for master in self.masters:
-            state = self.optimizer.state.get(master, {}) if self.optimizer is not None else {}
-            zeros = torch.zeros_like(master)
-            out.append((None if fp32 else master.detach(), state.get("exp_avg", zeros), state.get("exp_avg_sq", zeros)))
-        return out
+            return [(None if fp32 else s[0], dict(zip(names, s[1:]))) for s in self.offload.export_state()]
+        return [(None if fp32 else m, dict(st)) for m, st in zip(self.masters, self.state)]
 
     @torch.no_grad()
-    def import_state(self, masters: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+    def import_state(self, masters: list[torch.Tensor], states: list[dict[str, torch.Tensor]] | None,
                      step_count: int) -> None:
-        """Set every owned fragment's fp32 master and moments (flat, any device) and the step count; the
-        model-dtype values are the caller's (checkpoint loading writes them first)."""
+        """Set every owned fragment's fp32 master and declared state (flat, any device; None: the rule's
+        initial state) and the step count; the model-dtype values are the caller's (checkpoint loading
+        writes them first)."""
+        names = self.rule.state_names
+        if states is None:
+            states = [self.rule.init_state(m.numel()) for m in masters]
         if self.offload is not None:
-            self.offload.import_state([torch.stack([m.float().cpu(), a.cpu(), b.cpu()])
-                                       for m, a, b in zip(masters, exp_avgs, exp_avg_sqs)], step_count)
+            self.offload.import_state([torch.stack([m.float().cpu()] + [st[n].float().cpu() for n in names])
+                                       for m, st in zip(masters, states)], step_count)
             return
-        for master, m, a, b in zip(self.masters, masters, exp_avgs, exp_avg_sqs):
+        self.steps = step_count
+        for master, own, m, st in zip(self.masters, self.state, masters, states):
             master.copy_(m)
-            if self.optimizer is None:
-                continue
-            if step_count == 0:
-                self.optimizer.state.pop(master, None)
-            else:
-                self.optimizer.state[master] = {"step": torch.tensor(float(step_count)),
-                                                "exp_avg": a.to(master.device, torch.float32).clone(),
-                                                "exp_avg_sq": b.to(master.device, torch.float32).clone()}
+            for n in names:
+                own[n].copy_(st[n])
 
     def close(self) -> None:
         if self.offload is not None:
             self.offload.close()
 
     def nbytes(self) -> int:
-        """fp32 master copies (when not the stored values) + optimizer moments held by this rank on its
-        device (0 with offload: see OffloadedAdam.host_bytes / nvme_bytes)."""
+        """fp32 master copies (when not the stored values) + the rule's state held by this rank on its
+        device (0 with offload: see OffloadedOptimizer.host_bytes / nvme_bytes)."""
         if self.offload is not None:
             return 0
         total = sum(m.numel() * 4 for m, v in zip(self.masters, self.values) if m.data_ptr() != v.data_ptr())
-        for state in (self.optimizer.state.values() if self.optimizer is not None else ()):
-            total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
-        return total
+        return total + sum(t.numel() * t.element_size() for st in self.state for t in st.values())

@@ -16,7 +16,7 @@ LAYOUT = Layout(micro=2, zero=1)
 
 def _state(trainer) -> dict:
     opt = trainer.zero.optimizer
-    moments = [m for _, a, b in opt.export_state() for m in (a, b)]
+    moments = [m for _, state in opt.export_state() for m in state.values()]
     return {"iteration": trainer.iteration, "consumed": trainer.consumed_samples, "steps": trainer.optimizer_steps,
             "adam_steps": opt.step_count(), "moments_zero": all(not m.any() for m in moments),
             "values": [v.clone() for v in opt.values], "rng": trainer.rng.state_dict()["ambient"].clone()}

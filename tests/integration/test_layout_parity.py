@@ -44,10 +44,12 @@ class Layout(NamedTuple):
     # none | cpu | nvme (optimizer state) | cpu+param (also ZeRO-3 parameters) | cpu-reference (the CPU
     # Adam's pure-torch reference: the "kernel absent" dispatch path)
     offload: str = "none"
+    # adamw | sgd (momentum 0.9, Megatron's default) | sgd-nomomentum (SGD declaring no state); tests/integration/test_sgd.py
+    optimizer: str = "adamw"
 
 
 def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
-    tp, pp, vp, micro, first_stage_layers, zero, dtype, offload = layout
+    tp, pp, vp, micro, first_stage_layers, zero, dtype, offload = layout[:8]
     optimizer_home = offload.split("+")[0].removesuffix("-reference")
     offload_cfg = {"offload_optimizer": optimizer_home, "offload_param": "cpu" if "+param" in offload else "none",
                    "offload_nvme_path": str(NVME_DIR) if optimizer_home == "nvme" else None,
@@ -55,7 +57,7 @@ def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
     return RunConfig(
         model=ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=512,
                           make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0),
-        optimizer=OptimizerConfig(lr=2e-3, min_lr=2e-4, lr_warmup_iters=3, clip_grad=1.0, weight_decay=0.1),
+        optimizer=_optimizer_config(layout.optimizer),
         data=DataConfig(data_path=str(prefix), tokenizer_model=str(tokenizer_model), split="90,10,0"),
         training=TrainingConfig(micro_batch_size=micro, global_batch_size=GLOBAL_BATCH, train_iters=STEPS, seed=7,
                                 eval_interval=STEPS, eval_iters=1, log_interval=STEPS),
@@ -64,6 +66,14 @@ def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
                         "decoder_first_pipeline_num_layers": first_stage_layers},
               zero={"stage": zero, "reduce_bucket_size": 20_000, **offload_cfg},  # several buckets, uneven shards
               precision={"params_dtype": dtype})
+
+
+def _optimizer_config(optimizer: str) -> OptimizerConfig:
+    if optimizer == "adamw":
+        return OptimizerConfig(lr=2e-3, min_lr=2e-4, lr_warmup_iters=3, clip_grad=1.0, weight_decay=0.1)
+    momentum = {"sgd": 0.9, "sgd-nomomentum": 0.0}[optimizer]
+    return OptimizerConfig(optimizer_type="sgd", sgd_momentum=momentum, lr=0.5, min_lr=0.05, lr_warmup_iters=3,
+                           clip_grad=1.0, weight_decay=0.1)
 
 
 def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts):
@@ -126,12 +136,13 @@ REFERENCE = (1, L())
 
 
 def layout_id(world: int, layout: Layout) -> str:
-    tp, pp, vp, micro, first, zero, dtype, offload = layout
+    tp, pp, vp, micro, first, zero, dtype, offload = layout[:8]
     dp = world // (tp * pp)
     uneven = f"-first{first}" if first is not None else ""
     return (f"tp{tp}-pp{pp}{f'-vp{vp}' if vp > 1 else ''}{uneven}-dp{dp}-accum{GLOBAL_BATCH // (micro * dp)}"
             f"{f'-zero{zero}' if zero else ''}{f'-{dtype}' if dtype != 'fp32' else ''}"
-            f"{f'-offload-{offload}' if offload != 'none' else ''}")
+            f"{f'-offload-{offload}' if offload != 'none' else ''}"
+            f"{f'-{layout.optimizer}' if layout.optimizer != 'adamw' else ''}")
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,7 @@ def ckpts(tiny_dataset, tmp_path_factory):
     return out
 
 
-def _assert_same_tensors(a: Path, b: Path, kinds=fmt.KINDS) -> None:
+def _assert_same_tensors(a: Path, b: Path, kinds=(*fmt.PARAM_KINDS, *fmt.ADAM_STATE)) -> None:
     """Exactly equal global tensors of the given kinds."""
     ta, tb = ({n: t for n, t in checkpoint_tensors(f).items() if n.split("/")[0] in kinds} for f in (a, b))
     assert_same_tensors(ta, tb, f"{a} vs {b}")

@@ -34,7 +34,7 @@ def test_sub_groups_cover_every_element_once_decayed_first():
 
 def test_nvme_store_round_trips_and_removes_its_files(tmp_path):
     sizes = [1000, 2500, 40]
-    store = NvmeStateStore(sizes, str(tmp_path), "rank0", pin=False)
+    store = NvmeStateStore(sizes, 3, str(tmp_path), "rank0", pin=False)  # 3 rows: master + Adam moments
     folder = Path(store.dir)
     assert sorted(f.name for f in folder.iterdir()) == [f"subgroup{i:05d}.bin" for i in range(3)]
     for i, n in enumerate(sizes):  # write distinct values through the slots
