@@ -107,12 +107,37 @@ class ModelConfig:
     hidden_dropout: float = num(0.1, ge=0.0, lt=1.0)
     attention_dropout: float = num(0.1, ge=0.0, lt=1.0)
     init_method_std: float = num(0.02, gt=0.0)
-    layernorm_epsilon: float = num(1e-5, gt=0.0)
+    layernorm_epsilon: float = num(1e-5, gt=0.0, flag="--norm-epsilon")  # LayerNorm and RMSNorm alike
     fused_kernels: bool = True  # fused CUDA norms where built and applicable (--no-fused-kernels: reference)
+    # The block's parts (Megatron's flags; the defaults are GPT-2's; docs/models.md). Llama: RMSNorm,
+    # rope, swiglu, query groups, untied output layer, no linear biases.
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | none
+    rotary_base: float = num(10000.0, gt=0.0)  # rope theta
+    rotary_percent: float = num(1.0, gt=0.0, le=1.0)  # fraction of each head's dims rotated
+    # Llama 3.1 frequency scaling (HF "rope_type": "llama3"): the factor and its bands
+    use_rope_scaling: bool = False
+    rope_scaling_factor: float = num(8.0, gt=0.0)
+    rope_low_freq_factor: float = num(1.0, gt=0.0)
+    rope_high_freq_factor: float = num(4.0, gt=0.0)
+    rope_original_max_positions: int = num(8192, ge=1)
+    swiglu: bool = False  # silu(x W_gate) * (x W_up) instead of gelu(x W_1)
+    group_query_attention: bool = False  # Megatron: num_query_groups is used only with this set
+    num_query_groups: int = num(1, ge=1)  # grouped-query attention: key/value heads
+    kv_channels: int | None = num(None, ge=1)  # per-head dim (None = hidden / heads)
+    untie_embeddings_and_output_weights: bool = False
+    add_bias_linear: bool = True  # biases in every linear layer (--disable-bias-linear: none)
+    add_qkv_bias: bool = False  # a QKV bias even without add_bias_linear (Qwen2)
+    qk_layernorm: bool = False  # normalise q and k per head before attention (the block's norm type)
+    attention_backend: str = "auto"  # auto | sdpa | fused | unfused
 
     @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.swiglu:  # Megatron's SwiGLU default: 2/3 of 4h (same parameter count), a multiple of 64
+            return int(4 * self.hidden_size * 2 / 3 / 64) * 64 or 64
+        return 4 * self.hidden_size
 
     @property
     def max_positions(self) -> int:
@@ -120,7 +145,45 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: each serves num_attention_heads / query_groups query heads (MHA: all)."""
+        return self.num_query_groups if self.group_query_attention else self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.add_bias_linear or self.add_qkv_bias
+
+    def check_parts(self) -> None:
+        """The block parts' names and the head arithmetic they need (ConfigError, one line)."""
+        for name, value, allowed in (("--normalization", self.normalization, ("LayerNorm", "RMSNorm")),
+                                     ("--position-embedding-type", self.position_embedding_type,
+                                      ("learned_absolute", "rope", "none")),
+                                     ("--attention-backend", self.attention_backend,
+                                      ("auto", "sdpa", "fused", "unfused"))):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.num_attention_heads % self.query_groups:
+            raise ConfigError(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                              f"--num-query-groups {self.query_groups}; each key/value head serves the same "
+                              f"number of query heads")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                              f"{self.num_attention_heads}; change one, or give --kv-channels (the head dim)")
+        if self.position_embedding_type == "rope":
+            rotated = int(self.head_dim * self.rotary_percent)
+            if rotated < 2 or rotated % 2:
+                raise ConfigError(f"--rotary-percent {self.rotary_percent:g} of head dim {self.head_dim} rotates "
+                                  f"{rotated} dims; rope needs an even number >= 2")
+        elif self.use_rope_scaling:
+            raise ConfigError("--use-rope-scaling applies to --position-embedding-type rope; add it or drop "
+                              "the scaling")
+        if self.num_query_groups != 1 and not self.group_query_attention:
+            raise ConfigError(f"--num-query-groups {self.num_query_groups} is used only with "
+                              f"--group-query-attention (Megatron ignores it otherwise); add "
+                              f"--group-query-attention or drop --num-query-groups")
 
     def padded_vocab_size(self, tp: int) -> int:
         """Round the vocab up to a multiple of make_vocab_size_divisible_by x tp (Megatron's rule)."""

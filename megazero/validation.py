@@ -25,15 +25,16 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     cfg.check_fields()  # every number in its declared range, every float finite
     GridShape(world_size=world_size, tp=tp, pp=pp)  # world divisible by tp x pp
     cfg.check_precision_and_zero()
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(
-            f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}"
-        )
+    m.check_parts()  # norm / position / attention names, query groups, head dim
     if m.num_attention_heads % tp:
         raise ConfigError(
             f"--num-attention-heads {m.num_attention_heads} is not divisible by tensor-parallel size {tp}; "
             f"choose heads that are a multiple of {tp} or a smaller --tp"
         )
+    groups = m.query_groups
+    if (groups >= tp and groups % tp) or (groups < tp and tp % groups):
+        raise ConfigError(f"--num-query-groups {groups} and tensor-parallel size {tp}: one must divide the other "
+                          f"(each rank holds whole key/value groups, or a group is shared by tp / groups ranks)")
     if m.ffn_size % tp:
         raise ConfigError(f"--ffn-hidden-size {m.ffn_size} is not divisible by tensor-parallel size {tp}")
     if m.seq_length > m.max_positions:
