@@ -11,6 +11,7 @@ second setting of the same field, under another name, that disagrees with the fi
 --tensor-model-parallel-size 1`) or mutually exclusive switches (`--bf16 --fp16`). The same flag
 given again overrides, as in argparse (`$COMMON_ARGS --lr 1e-4`).
 Usage errors are one `error: ...` line (rank 0), like every other bad input.
+`--model-size NAME` expands a preset (megazero/presets.py) into the defaults the other flags apply over.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections import defaultdict
 from megazero.config import RunConfig, field_requirement, show_value
 from megazero.errors import ConfigError, exit_with_error
 from megazero.flags import FLAG_GROUPS
+from megazero.presets import canonical_name, preset
 
 _GIVEN = "_megazero_given"  # namespace attribute: dest -> (option string as typed, value)
 
@@ -168,6 +170,15 @@ def _check_optimizer_flags(given: dict, cfg: RunConfig) -> None:
                               f"is {kind}; drop {given[dest][0]} or make the optimizer {owner}")
 
 
+def _preset_base(model_size: str | None) -> RunConfig:
+    """The defaults the flags apply over: RunConfig's, with --model-size's preset expanded into the model
+    section (so any model flag given overrides the preset's value, and a ds_config merges over it too)."""
+    if model_size is None:
+        return RunConfig()
+    name = canonical_name(model_size)
+    return RunConfig().replace(model={**preset(name), "model_size": name})
+
+
 def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
     ns = vars(build_parser(rank).parse_args(argv))
     given = ns.pop(_GIVEN, {})  # dest -> (option as typed, action, value)
@@ -181,12 +192,13 @@ def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
     if "optimizer_type" in sections["optimizer"]:  # Megatron's --optimizer adam is AdamW
         kind = sections["optimizer"]["optimizer_type"]
         sections["optimizer"]["optimizer_type"] = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd"}[kind]
+    base = _preset_base(sections["model"].pop("model_size", None))
     if ds_config is not None:
         from megazero.ds_config import apply_ds_config
 
-        cfg = apply_ds_config(ds_config, cli_sections=dict(sections))
+        cfg = apply_ds_config(ds_config, cli_sections=dict(sections), base=base)
     else:
-        cfg = RunConfig().replace(**sections)
+        cfg = base.replace(**sections)
     _check_loss_scale_flags(given, cfg)
     _check_optimizer_flags(given, cfg)
     cfg.check_fields()

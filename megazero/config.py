@@ -96,6 +96,9 @@ def check_folder(flag: str, path: str | None) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # --model-size: the preset (megazero/presets.py) the shape fields below were expanded from, recorded in
+    # config.json; a name only (the checkpoint shape check compares the fields, not this)
+    model_size: str | None = None
     num_layers: int = num(4, ge=1)
     hidden_size: int = num(256, ge=1)
     num_attention_heads: int = num(4, ge=1)

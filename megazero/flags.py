@@ -107,6 +107,9 @@ FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
              help="load weights only; iteration, data position and optimizer start fresh"),
     ]),
     ('model', [
+        flag("--model-size", dest="model.model_size",
+             help="a preset shape (gpt2 ... gpt2-xl, llama-tiny, llama3.2-1b ... llama3.1-405b; docs/models.md "
+                  "lists them) that the other model flags override"),
         flag("--num-layers", dest="model.num_layers", type=int, help="default 4"),
         flag("--hidden-size", dest="model.hidden_size", type=int, help="default 256"),
         flag("--num-attention-heads", dest="model.num_attention_heads", type=int, help="default 4"),

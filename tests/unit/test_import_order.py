@@ -17,7 +17,7 @@ PACKAGE = ROOT / "megazero"
 # layers' modules, never a higher layer's. Keys are module paths below megazero (a file or a package).
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "fileio"),                                   # leaves: nothing of megazero
-    ("config", "flags", "watchdog", "comm", "random"),      # config is a leaf above errors only
+    ("config", "flags", "presets", "watchdog", "comm", "random"),  # config: a leaf above errors only
     ("topology", "distributed"),
     ("tensor_parallel", "pipeline_parallel", "optim", "ops", "data", "monitor"),
     ("zero", "model"),
