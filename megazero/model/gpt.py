@@ -1,16 +1,15 @@
-"""GPT-2 decoder built from tensor-parallel layers.
+"""The GPT decoder built from tensor-parallel layers: GPT-2 by default, the Llama family by config.
 
-Numerically the GPT-2 architecture (so Hugging Face's GPT2LMHeadModel can be exported exactly):
-learned absolute positions, pre-LayerNorm blocks (eps 1e-5), tanh-approximate GELU, biases everywhere,
-attention scale 1/sqrt(head_dim), causal self-attention through torch's scaled_dot_product_attention,
-a final LayerNorm and an output layer tied to the word embedding.
+Defaults are the GPT-2 architecture (so Hugging Face's GPT2LMHeadModel exports exactly): learned
+absolute positions, pre-LayerNorm blocks (eps 1e-5), tanh-approximate GELU, biases everywhere,
+attention scale 1/sqrt(head_dim), a final LayerNorm and an output layer tied to the word embedding.
+The parts a Llama-family block swaps in are chosen by ModelConfig (docs/models.md): RMSNorm, rotary
+positions (model/rope.py) or none, SwiGLU, grouped-query attention (model/attention.py), q/k norms,
+no linear biases (or a QKV bias only), an untied output layer.
 
-Shapes: activations are batch-first [b, s, h]. With tp ranks, each rank holds heads/tp attention
-heads and ffn/tp MLP columns; activations between blocks are replicated [b, s, h] on every TP rank.
-
-QKV layout: the fused QKV weight's global output dim is ordered [head, (q, k, v), head_dim], so a
-contiguous split of dim 0 over TP ranks gives each rank whole heads. (HF's c_attn orders [(q, k, v),
-head, head_dim]; the exporter permutes.)
+Shapes: activations are batch-first [b, s, h]. With tp ranks, each rank holds heads/tp query heads
+(and their key/value groups: attention.py) and ffn/tp MLP columns; activations between blocks are
+replicated [b, s, h] on every TP rank.
 
 Layer names use *global* layer numbers (`layers.7.attention...`) so that a pipeline stage holding
 layers 4-7 has the same parameter names, initial values and checkpoint keys as a single process.
@@ -18,7 +17,6 @@ layers 4-7 has the same parameter names, initial values and checkpoint keys as a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -28,7 +26,7 @@ from torch import nn
 
 from megazero import comm
 from megazero.config import ModelConfig
-from megazero.model.norms import LayerNorm
+from megazero.model.attention import SelfAttention, make_norm
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megazero.tensor_parallel.init import normal_init, set_init
@@ -37,51 +35,36 @@ from megazero.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    VocabParallelOutput,
     parallel_lm_logits,
 )
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, output_init, dtype, device):
-        super().__init__()
-        tp = comm.group_size(tp_group)
-        self.rng = rng
-        self.local_heads = cfg.num_attention_heads // tp
-        self.head_dim = cfg.head_dim
-        self.dropout_p = cfg.attention_dropout
-        self.query_key_value = ColumnParallelLinear(
-            cfg.hidden_size, 3 * cfg.hidden_size, tp_group=tp_group,
-            init_method=normal_init(cfg.init_method_std), dtype=dtype, device=device)
-        self.dense = RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, tp_group=tp_group, init_method=output_init,
-            input_is_parallel=True, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.query_key_value(x)  # [b, s, local_heads * 3 * head_dim]
-        q, k, v = qkv.view(b, s, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # 3 x [b, nh, s, hd]
-        dropout_p = self.dropout_p if self.training else 0.0
-        # Attention probabilities are sharded by head across TP ranks: draw their dropout from the
-        # per-TP-rank stream so ranks do not drop the same positions of different heads. Without dropout
-        # nothing is drawn, so the stream swap (3 RNG-state copies per layer) is skipped.
-        with self.rng.fork("tensor-parallel") if dropout_p > 0 else contextlib.nullcontext():
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        context = context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)  # [b, s, h/tp]
-        return self.dense(context)
-
-
 class MLP(nn.Module):
+    """GELU MLP (GPT-2), or SwiGLU (--swiglu): silu(x W_gate) * (x W_up), then W_down.
+
+    SwiGLU's gate and up projections are one column-parallel weight whose global rows interleave them,
+    [ffn, (gate, up)], so any contiguous TP split keeps each gate row with its up row and the layout is
+    the same for every tp (checkpoints reshard freely; HF's gate_proj / up_proj are rows 0::2 / 1::2)."""
+
     def __init__(self, cfg: ModelConfig, tp_group, output_init, dtype, device):
         super().__init__()
+        self.swiglu = cfg.swiglu
         self.dense_h_to_4h = ColumnParallelLinear(
-            cfg.hidden_size, cfg.ffn_size, tp_group=tp_group,
-            init_method=normal_init(cfg.init_method_std), dtype=dtype, device=device)
+            cfg.hidden_size, cfg.ffn_size * (2 if cfg.swiglu else 1), tp_group=tp_group,
+            init_method=normal_init(cfg.init_method_std), bias=cfg.add_bias_linear, dtype=dtype, device=device)
         self.dense_4h_to_h = RowParallelLinear(
             cfg.ffn_size, cfg.hidden_size, tp_group=tp_group, init_method=output_init,
-            input_is_parallel=True, dtype=dtype, device=device)
+            bias=cfg.add_bias_linear, input_is_parallel=True, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        h = self.dense_h_to_4h(x)  # [b, s, ffn/tp] (GELU) or [b, s, ffn/tp * 2] (SwiGLU, pairs)
+        if self.swiglu:
+            gate_up = h.unflatten(-1, (-1, 2))
+            h = F.silu(gate_up[..., 0]) * gate_up[..., 1]
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dense_4h_to_h(h)
 
 
 class TransformerBlock(nn.Module):
@@ -92,10 +75,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         # GPT-2 / Megatron: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
         output_init = normal_init(cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers))
-        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device, cfg.fused_kernels)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device)
         self.attention = SelfAttention(cfg, tp_group, rng, output_init, dtype, device)
-        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device,
-                                                  cfg.fused_kernels)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device)
         self.mlp = MLP(cfg, tp_group, output_init, dtype, device)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -121,28 +103,36 @@ class GPTModel(nn.Module):
         tp = comm.group_size(tp_group)
         layer_range = layer_range if layer_range is not None else range(cfg.num_layers)
 
-        # The word embedding exists on the first stage (input) and the last (tied output layer). On a
-        # last stage that is not also the first it is a copy: same name, so same initial values; its
+        # The word embedding exists on the first stage (input) and, tied, on the last (output layer). On
+        # a last stage that is not also the first it is a copy: same name, so same initial values; its
         # gradient is summed with the first stage's over the embedding group (zero/grad_sync.py). A chunk
         # holding only one of the two ends is pipelined (pp > 1; vp > 1 needs pp > 1), so its embedding is
         # shared across stages: its ShardSpec says so (own_bucket; tied_copy on the last stage).
-        if pre_process or post_process:
+        # Untied (--untie-embeddings-and-output-weights): the last stage has an output layer of its own.
+        self.tied = not cfg.untie_embeddings_and_output_weights
+        if pre_process or (post_process and self.tied):
             self.word_embeddings = VocabParallelEmbedding(
                 cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
                 init_method=normal_init(cfg.init_method_std), logical_vocab_size=cfg.vocab_size,
                 dtype=dtype, device=device)
-            if pre_process != post_process:
+            if pre_process != post_process and self.tied:
                 w = self.word_embeddings.weight
                 set_shard_spec(w, dataclasses.replace(get_shard_spec(w), tied_copy=not pre_process, own_bucket=True))
         if pre_process:
-            self.position_embeddings = nn.Parameter(
-                torch.empty(cfg.max_positions, cfg.hidden_size, dtype=dtype, device=device))
-            set_init(self.position_embeddings, normal_init(cfg.init_method_std))
+            if cfg.position_embedding_type == "learned_absolute":  # rope lives in attention; none: NoPE
+                self.position_embeddings = nn.Parameter(
+                    torch.empty(cfg.max_positions, cfg.hidden_size, dtype=dtype, device=device))
+                set_init(self.position_embeddings, normal_init(cfg.init_method_std))
             self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, tp_group, rng, dtype, device) for i in layer_range})
         if post_process:
-            self.final_layernorm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype, device, cfg.fused_kernels)
+            self.final_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device)
+            if not self.tied:
+                self.output_layer = VocabParallelOutput(
+                    cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
+                    init_method=normal_init(cfg.init_method_std), logical_vocab_size=cfg.vocab_size,
+                    dtype=dtype, device=device)
 
     def pipeline_activation(self, micro_batch_size: int) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of the hidden state this chunk receives from / sends to a neighbouring
@@ -162,7 +152,9 @@ class GPTModel(nn.Module):
                 + [ZeroUnit(list(blk.parameters()), blk) for blk in blocks])
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(tokens) + self.position_embeddings[:tokens.shape[1]]  # [b, s, h]
+        x = self.word_embeddings(tokens)  # [b, s, h]
+        if self.cfg.position_embedding_type == "learned_absolute":
+            x = x + self.position_embeddings[:tokens.shape[1]]
         return self.embedding_dropout(x)
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,8 +164,11 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return x  # hidden states [b, s, h] for the next pipeline stage
         x = self.final_layernorm(x)
-        logits = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group)  # [b, s, V/tp]
+        if self.tied:
+            logits = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group)  # [b, s, V/tp]
+            vocab_start = self.word_embeddings.vocab_start
+        else:
+            logits, vocab_start = self.output_layer(x), self.output_layer.vocab_start
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(
-            logits, labels, self.tp_group, self.word_embeddings.vocab_start, self.cfg.vocab_size)
+        return vocab_parallel_cross_entropy(logits, labels, self.tp_group, vocab_start, self.cfg.vocab_size)

@@ -30,7 +30,7 @@ from megazero.tensor_parallel.collectives import (
     scatter_to_tp_region,
 )
 from megazero.tensor_parallel.init import InitFn, constant_init, set_init
-from megazero.tensor_parallel.sharding import ShardSpec, set_shard_spec
+from megazero.tensor_parallel.sharding import ShardSpec, get_shard_spec, set_shard_spec
 
 
 def _make_param(spec: ShardSpec, init: InitFn, dtype: torch.dtype, device) -> nn.Parameter:
@@ -44,21 +44,35 @@ def _check_divisible(size: int, tp: int, what: str) -> None:
     assert size % tp == 0, f"{what} ({size}) must be divisible by tensor-parallel size {tp}"
 
 
+def _vocab_parallel_weight(num_embeddings: int, embedding_dim: int, tp_group, init_method: InitFn,
+                           logical_vocab_size: int | None, dtype, device) -> nn.Parameter:
+    """A [V_padded, dim] table split along the vocabulary (rows >= logical_vocab_size: zero padding)."""
+    tp, tp_rank = comm.group_size(tp_group), comm.group_rank(tp_group)
+    _check_divisible(num_embeddings, tp, "padded vocabulary size")
+    spec = ShardSpec((num_embeddings, embedding_dim), tp_dim=0, tp_rank=tp_rank, tp_size=tp,
+                     logical_size=logical_vocab_size or num_embeddings)
+    return _make_param(spec, init_method, dtype, device)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split along output features. Input [..., in] -> output [..., out/tp]
     (or [..., out] with gather_output)."""
 
     def __init__(self, in_features: int, out_features: int, *, tp_group, init_method: InitFn,
-                 bias: bool = True, gather_output: bool = False, dtype=torch.float32, device=None):
+                 bias: bool = True, gather_output: bool = False, max_shards: int | None = None,
+                 dtype=torch.float32, device=None):
+        """max_shards: split `out` into at most this many slices, each held by tp / max_shards ranks
+        when tp is larger (ShardSpec.max_shards; the caller sums the replicas' gradients)."""
         super().__init__()
         self.tp_group = tp_group
         tp, tp_rank = comm.group_size(tp_group), comm.group_rank(tp_group)
-        _check_divisible(out_features, tp, "output features")
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
-        self.weight = _make_param(
-            ShardSpec((out_features, in_features), tp_dim=0, tp_rank=tp_rank, tp_size=tp), init_method, dtype, device)
+        spec = ShardSpec((out_features, in_features), tp_dim=0, tp_rank=tp_rank, tp_size=tp, max_shards=max_shards)
+        _check_divisible(out_features, spec.num_slices, "output features")
+        self.weight = _make_param(spec, init_method, dtype, device)
         self.bias = (
-            _make_param(ShardSpec((out_features,), tp_dim=0, tp_rank=tp_rank, tp_size=tp), constant_init(0.0), dtype, device)
+            _make_param(ShardSpec((out_features,), tp_dim=0, tp_rank=tp_rank, tp_size=tp, max_shards=max_shards),
+                        constant_init(0.0), dtype, device)
             if bias else None
         )
 
@@ -102,13 +116,11 @@ class VocabParallelEmbedding(nn.Module):
                  logical_vocab_size: int | None = None, dtype=torch.float32, device=None):
         super().__init__()
         self.tp_group = tp_group
-        tp, tp_rank = comm.group_size(tp_group), comm.group_rank(tp_group)
-        _check_divisible(num_embeddings, tp, "padded vocabulary size")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.logical_vocab_size = logical_vocab_size or num_embeddings
-        spec = ShardSpec((num_embeddings, embedding_dim), tp_dim=0, tp_rank=tp_rank, tp_size=tp,
-                         logical_size=self.logical_vocab_size)
-        self.weight = _make_param(spec, init_method, dtype, device)
+        self.weight = _vocab_parallel_weight(num_embeddings, embedding_dim, tp_group, init_method,
+                                             logical_vocab_size, dtype, device)
+        spec = get_shard_spec(self.weight)
         self.vocab_start = spec.offset
         self.vocab_end = spec.offset + spec.local_shape[0]
 
@@ -117,6 +129,22 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         emb = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp_region(emb, self.tp_group)
+
+
+class VocabParallelOutput(nn.Module):
+    """An output layer of its own (untied from the word embedding): weight [V_padded, h] split along the
+    vocabulary like VocabParallelEmbedding (padding rows zero), hidden [..., h] -> local logits [..., V/tp]."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group, init_method: InitFn,
+                 logical_vocab_size: int | None = None, dtype=torch.float32, device=None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.weight = _vocab_parallel_weight(num_embeddings, embedding_dim, tp_group, init_method,
+                                             logical_vocab_size, dtype, device)
+        self.vocab_start = get_shard_spec(self.weight).offset
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return parallel_lm_logits(hidden, self.weight, self.tp_group)
 
 
 def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: torch.Tensor, tp_group) -> torch.Tensor:

@@ -32,18 +32,44 @@ class ShardSpec:
     # copy alike): its gradient is summed over the embedding group, so ZeRO gives it a bucket (and, at
     # stage 3, a gather unit) of its own, with the same shard boundaries on both stages.
     own_bucket: bool = False
+    # At most this many distinct slices along tp_dim (the fused QKV of grouped-query attention splits
+    # only between whole key/value groups). With more TP ranks than that, each slice is held by
+    # tp_size / max_shards consecutive ranks (its replicas), whose gradients the model sums
+    # (model/attention.py); norms and checkpoints count replica 0 only. None: tp_size slices.
+    max_shards: int | None = None
+
+    @property
+    def num_slices(self) -> int:
+        """Distinct slices along tp_dim (1 when replicated)."""
+        if self.tp_dim is None:
+            return 1
+        return min(self.tp_size, self.max_shards) if self.max_shards else self.tp_size
+
+    @property
+    def replicas(self) -> int:
+        """TP ranks holding each slice."""
+        return self.tp_size // self.num_slices if self.tp_dim is not None else self.tp_size
+
+    @property
+    def slice_index(self) -> int:
+        return self.tp_rank // self.replicas if self.tp_dim is not None else 0
+
+    @property
+    def replica_index(self) -> int:
+        return self.tp_rank % self.replicas if self.tp_dim is not None else self.tp_rank
 
     @property
     def is_tp_sharded(self) -> bool:
-        return self.tp_dim is not None and self.tp_size > 1
+        return self.num_slices > 1
 
     @property
     def local_shape(self) -> tuple[int, ...]:
         if self.tp_dim is None:
             return self.global_shape
         shape = list(self.global_shape)
-        assert shape[self.tp_dim] % self.tp_size == 0, (self.global_shape, self.tp_size)
-        shape[self.tp_dim] //= self.tp_size
+        assert self.tp_size % self.num_slices == 0, (self.tp_size, self.max_shards)
+        assert shape[self.tp_dim] % self.num_slices == 0, (self.global_shape, self.num_slices)
+        shape[self.tp_dim] //= self.num_slices
         return tuple(shape)
 
     @property
@@ -51,7 +77,7 @@ class ShardSpec:
         """Start of this rank's slice along tp_dim in the global tensor."""
         if self.tp_dim is None:
             return 0
-        return self.tp_rank * self.local_shape[self.tp_dim]
+        return self.slice_index * self.local_shape[self.tp_dim]
 
     def local_slice(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a global-shape tensor."""
@@ -87,11 +113,14 @@ def counts_toward_norm(param: torch.Tensor, tp_rank: int) -> bool:
     """Whether this rank's copy of `param` is counted in the global gradient norm (and written by
     checkpoints): every element once across the TP group and the pipeline stages.
 
-    - TP-sharded parameters: every TP rank holds a distinct slice, all count.
+    - TP-sharded parameters: every TP rank holds a distinct slice, all count; a slice held by several
+      ranks (ShardSpec.max_shards: grouped-query QKV with tp > groups) counts on its first holder.
     - TP-replicated parameters (layernorms, biases of row-parallel layers, position embeddings): every
       TP rank holds the same values, only tp rank 0 counts them.
     - The tied word embedding across pipeline stages: the last stage's copy (ShardSpec.tied_copy) holds
       the same gradient as the first stage's after the embedding-group all-reduce; only the first counts.
     Summing over data-parallel ranks is the caller's business (only when gradients are sharded)."""
     spec = get_shard_spec(param)
-    return not spec.tied_copy and (spec.is_tp_sharded or tp_rank == 0)
+    if spec.tied_copy:
+        return False
+    return spec.replica_index == 0 if spec.is_tp_sharded else tp_rank == 0

@@ -46,6 +46,7 @@ class Layout(NamedTuple):
     offload: str = "none"
     # adamw | sgd (momentum 0.9, Megatron's default) | sgd-nomomentum (SGD declaring no state); tests/integration/test_sgd.py
     optimizer: str = "adamw"
+    model: str = "gpt2"  # gpt2 | llama | llama-tied (MODEL_PARTS); tests/integration/test_llama_parity.py
 
 
 def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
@@ -56,8 +57,9 @@ def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
                    "offload_sub_group_size": 5000}  # several sub-groups: the double-buffered path
     return RunConfig(
         model=ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=512,
-                          make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0),
-        optimizer=_optimizer_config(layout.optimizer),
+                          make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0,
+                          **MODEL_PARTS[layout.model]),
+        optimizer=_optimizer_config(layout.optimizer, layout.model),
         data=DataConfig(data_path=str(prefix), tokenizer_model=str(tokenizer_model), split="90,10,0"),
         training=TrainingConfig(micro_batch_size=micro, global_batch_size=GLOBAL_BATCH, train_iters=STEPS, seed=7,
                                 eval_interval=STEPS, eval_iters=1, log_interval=STEPS),
@@ -68,9 +70,18 @@ def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
               precision={"params_dtype": dtype})
 
 
-def _optimizer_config(optimizer: str) -> OptimizerConfig:
+# Llama-family blocks on the parity shape (4 heads): 2 key/value groups, so tp 4 shares each group by 2 ranks
+LLAMA_PARTS = dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True, add_bias_linear=False,
+                   group_query_attention=True, num_query_groups=2, untie_embeddings_and_output_weights=True)
+LLAMA_LR = 1e-3
+MODEL_PARTS = {"gpt2": {}, "llama": LLAMA_PARTS,
+               "llama-tied": {**LLAMA_PARTS, "untie_embeddings_and_output_weights": False}}
+
+
+def _optimizer_config(optimizer: str, model: str = "gpt2") -> OptimizerConfig:
     if optimizer == "adamw":
-        return OptimizerConfig(lr=2e-3, min_lr=2e-4, lr_warmup_iters=3, clip_grad=1.0, weight_decay=0.1)
+        lr = 2e-3 if model == "gpt2" else LLAMA_LR
+        return OptimizerConfig(lr=lr, min_lr=lr / 10, lr_warmup_iters=3, clip_grad=1.0, weight_decay=0.1)
     momentum = {"sgd": 0.9, "sgd-nomomentum": 0.0}[optimizer]
     return OptimizerConfig(optimizer_type="sgd", sgd_momentum=momentum, lr=0.5, min_lr=0.05, lr_warmup_iters=3,
                            clip_grad=1.0, weight_decay=0.1)
@@ -142,14 +153,14 @@ def layout_id(world: int, layout: Layout) -> str:
     return (f"tp{tp}-pp{pp}{f'-vp{vp}' if vp > 1 else ''}{uneven}-dp{dp}-accum{GLOBAL_BATCH // (micro * dp)}"
             f"{f'-zero{zero}' if zero else ''}{f'-{dtype}' if dtype != 'fp32' else ''}"
             f"{f'-offload-{offload}' if offload != 'none' else ''}"
-            f"{f'-{layout.optimizer}' if layout.optimizer != 'adamw' else ''}")
+            f"{f'-{layout.optimizer}' if layout.optimizer != 'adamw' else ''}"
+            f"{f'-{layout.model}' if layout.model != 'gpt2' else ''}")
 
 
-@pytest.fixture(scope="module")
-def histories(tiny_dataset):
-    prefix, model = tiny_dataset
+def run_launches(launches: dict[int, list[Layout]], prefix, model) -> dict[tuple[int, Layout], list]:
+    """One launch per world size training its layouts; (world, layout) -> [(loss, grad norm)] per step."""
     merged = {}
-    for world, layouts in LAUNCHES.items():
+    for world, layouts in launches.items():
         per_rank = run_distributed(_train_layouts, world, prefix, model, layouts)
         for layout in layouts:
             # every rank reports the same (pipeline- and dp-reduced) loss and the same global grad norm
@@ -157,6 +168,11 @@ def histories(tiny_dataset):
                 assert r[layout] == per_rank[0][layout], f"ranks disagree in layout {layout}"
             merged[(world, layout)] = per_rank[0][layout]
     return merged
+
+
+@pytest.fixture(scope="module")
+def histories(tiny_dataset):
+    return run_launches(LAUNCHES, *tiny_dataset)
 
 
 ALL = [(w, layout) for w, layouts in LAUNCHES.items() for layout in layouts if (w, layout) != REFERENCE]

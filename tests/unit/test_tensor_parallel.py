@@ -152,10 +152,30 @@ def _check_gather_scatter(tp_group):
     return {"out": _rel(y, full), "dx": _rel(x.grad, proj.chunk(tp, -1)[tp_rank])}
 
 
-def _check_gpt(tp_group, single_group):
+LLAMA = dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True, add_bias_linear=False,
+             untie_embeddings_and_output_weights=True)
+# Llama-family blocks (docs/models.md): name -> ModelConfig fields over the GPT-2 test shape (heads 8)
+GPT_VARIANTS = {
+    "gpt model": {},
+    # 2 key/value groups: whole groups per rank at tp 2; at tp 4 each group is shared by 2 ranks
+    "llama gqa": {**LLAMA, "group_query_attention": True, "num_query_groups": 2},
+    # one key/value head (MQA): the QKV weight is held whole by every rank, gradients summed over TP
+    "llama mqa tied": {**LLAMA, "group_query_attention": True, "num_query_groups": 1,
+                       "untie_embeddings_and_output_weights": False},
+    # Qwen2-like: QKV bias only; q/k norms; half the head dims rotated; Llama 3.1 rope scaling; kv channels
+    "llama qkv-bias qk-norm rope-scaled": {**LLAMA, "add_qkv_bias": True, "qk_layernorm": True,
+                                           "rotary_percent": 0.5, "use_rope_scaling": True,
+                                           "rope_original_max_positions": 8, "kv_channels": 8},
+    "llama no positions": {**LLAMA, "position_embedding_type": "none", "normalization": "LayerNorm"},
+}
+
+
+def _check_gpt(tp_group, single_group, variant: str = "gpt model"):
     """The whole GPT at tp vs the same GPT at tp=1 (layout-invariant init), loss and every grad."""
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
-                      vocab_size=300, make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0)
+    heads = 4 if variant == "gpt model" else 8
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=heads, seq_length=16,
+                      vocab_size=300, make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0,
+                      **GPT_VARIANTS[variant])
     cpu = torch.device("cpu")
     model = GPTModel(cfg, tp_group=tp_group, rng=RNGStreams(1, dist.get_rank(tp_group), 0, cpu))
     ref = GPTModel(cfg, tp_group=single_group, rng=RNGStreams(1, 0, 0, cpu))
@@ -226,7 +246,8 @@ def _all_checks(rank, world_size):
         results[(tp, "vocab embedding")] = _check_embedding(g)
         results[(tp, "vocab cross-entropy")] = _check_cross_entropy(g)
         results[(tp, "gather/scatter")] = _check_gather_scatter(g)
-        results[(tp, "gpt model")] = _check_gpt(g, singles[rank])
+        for variant in GPT_VARIANTS:
+            results[(tp, variant)] = _check_gpt(g, singles[rank], variant)
         results[(tp, "rng streams")] = _check_rng_streams(g, singles[rank])
     return results
 
@@ -250,13 +271,13 @@ def test_dropout_streams_replicated_vs_sharded(tp_results, tp):
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("component", [
     "column gather_output=False", "column gather_output=True", "row input_is_parallel=True",
-    "row input_is_parallel=False", "vocab embedding", "vocab cross-entropy", "gather/scatter", "gpt model",
+    "row input_is_parallel=False", "vocab embedding", "vocab cross-entropy", "gather/scatter", *GPT_VARIANTS,
 ])
 def test_component_matches_unsharded(tp_results, tp, component):
     # Single components: rtol 1e-5 element-wise. The whole 2-block GPT composes several reordered fp32
     # reductions (TP partial sums at every row-parallel layer), so its element-wise errors compound
     # (observed up to 1.4e-5): 5e-5 there.
-    rtol = 5 * RTOL if component == "gpt model" else RTOL
+    rtol = 5 * RTOL if component in GPT_VARIANTS else RTOL
     for rank, per_rank in enumerate(tp_results):
         for what, err in per_rank[(tp, component)].items():
             assert err <= rtol, f"rank {rank} tp={tp} {component}: {what} rel err {err:.2e}"
