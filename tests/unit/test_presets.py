@@ -51,12 +51,12 @@ def test_parameter_counts_match_the_published_ones():
 
 
 def test_parameter_count_is_what_megazero_builds():
-    """The count equals the built model's (on the meta device: no memory), unpadded vocab. GPT-2 presets
-    only until the model builds the Llama parts (issue 12 item 1); then every preset belongs here."""
+    """The count equals the built model's (on the meta device: no memory), unpadded vocab, for every
+    preset (GPT-2 and the Llama family)."""
     from megazero.checkpoint.api import build_gpt, single_process_group
 
     with single_process_group() as group:
-        for p in (p for p in PRESETS.values() if p.name.startswith("gpt2")):
+        for p in PRESETS.values():
             vocab = p.vocab or 4096
             cfg = ModelConfig(**p.fields, vocab_size=vocab, make_vocab_size_divisible_by=1)
             model = build_gpt(cfg, group, device="meta")
