@@ -269,15 +269,32 @@ class OptimizerConfig:
     lr_decay_style: str = "cosine"  # cosine | linear | constant
 
 
+# --tokenizer-type values (Megatron's names); megazero/data/tokenizer_types.py builds them
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     data_path: str | None = None  # indexed-dataset prefix; None = default stdlib corpus
+    # a sentencepiece .model, or (HuggingFaceTokenizer) a tokenizer.json or a folder holding one
     tokenizer_model: str | None = None
+    tokenizer_type: str = "SentencePieceTokenizer"
     split: str = "969,30,1"
     # tokenizer vocab for the default corpus (None: 4096)
     default_vocab_size: int | None = num(None, ge=1, flag="--vocab-size")
     cache_dir: str | None = None
     num_workers: int = num(0, ge=0)
+
+    def check_tokenizer(self) -> None:
+        """--tokenizer-type is a known kind; a Hugging Face tokenizer needs its file (the default corpus
+        trains a sentencepiece model)."""
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ConfigError(f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got "
+                              f"{self.tokenizer_type!r}")
+        if self.tokenizer_type == "HuggingFaceTokenizer" and self.tokenizer_model is None:
+            raise ConfigError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (its tokenizer.json or "
+                              "folder) and --data-path (a dataset preprocessed with it); the default corpus "
+                              "trains a sentencepiece tokenizer")
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,11 @@ FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
     ('data', [
         flag("--data-path", dest="data.data_path",
              help="prefix of a .bin/.idx dataset from tools/preprocess_data.py (default: stdlib corpus)"),
-        flag("--tokenizer-model", dest="data.tokenizer_model", help="sentencepiece model of --data-path"),
+        flag("--tokenizer-model", dest="data.tokenizer_model",
+             help="the tokenizer --data-path was made with: a sentencepiece .model, or for HuggingFaceTokenizer "
+                  "a tokenizer.json or its folder"),
+        flag("--tokenizer-type", dest="data.tokenizer_type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+             help="default SentencePieceTokenizer"),
         flag("--split", dest="data.split", help="train,valid,test weights (default 969,30,1)"),
         flag("--vocab-size", dest="data.default_vocab_size", type=int,
              help="tokenizer vocab for the default corpus (default 4096)"),

@@ -100,7 +100,8 @@ def _check_data_and_outputs(cfg: RunConfig) -> None:
                 )
         if d.tokenizer_model is None:
             raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
-    if d.tokenizer_model is not None and not Path(d.tokenizer_model).is_file():
+    d.check_tokenizer()
+    if d.tokenizer_model is not None and not Path(d.tokenizer_model).exists():  # a Hugging Face one may be a folder
         raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: file not found")
     if d.tokenizer_model is not None and d.data_path is None:
         raise ConfigError("--tokenizer-model without --data-path: pass the dataset made with that tokenizer too")

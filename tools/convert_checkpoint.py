@@ -3,7 +3,8 @@ r"""Convert megazero checkpoints: reshard offline, export to / import from Huggi
     # reshard: write the checkpoint exactly as a tp1 pp2 dp2 ZeRO-2 run would have saved it
     python tools/convert_checkpoint.py --load ckpt --save ckpt_tp1pp2 --target-tp 1 --target-pp 2 \
         --target-dp 2 --target-zero-stage 2
-    # Hugging Face export: model.safetensors + config.json (GPT2LMHeadModel) + tokenizer.model
+    # Hugging Face export: model.safetensors + config.json (GPT2LMHeadModel) + the run's tokenizer
+    # (tokenizer.json + tokenizer_config.json, for transformers.AutoTokenizer; and tokenizer.model if sentencepiece)
     python tools/convert_checkpoint.py --load ckpt --to-hf hf_model
     # Hugging Face import: a GPT2LMHeadModel folder -> a megazero checkpoint at iteration 0
     python tools/convert_checkpoint.py --from-hf hf_model --save ckpt_from_hf --target-tp 2
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,13 +37,14 @@ import torch
 from tqdm import tqdm
 
 import megazero
-from megazero.checkpoint.api import (TOKENIZER_FILE, checkpoint_folder, locate_tokenizer, model_state_dict,
+from megazero.checkpoint.api import (TOKENIZER_FILE, checkpoint_folder, checkpoint_tokenizer, model_state_dict,
                                      run_config_from_dict)
 from megazero.checkpoint.format import INDEX, CheckpointReader, rank_filename
 from megazero.checkpoint.offline import plan_layout, read_full_region, validate_layout, write_layout
 from megazero.checkpoint.state import layout_dict
 from megazero.cli import OneLineParser, run_tool
 from megazero.config import ModelConfig, RunConfig
+from megazero.data.tokenizer_types import tokenizer_in_folder, tokenizer_record, write_tokenizer_files
 from megazero.errors import ConfigError
 
 HF_WEIGHTS = "model.safetensors"
@@ -76,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="--to-hf: weights dtype (default fp32: the fp32 masters when the run was bf16/fp16)")
     g.add_argument("--tokenizer-model", metavar="FILE",
-                   help="--to-hf: the sentencepiece model to copy as tokenizer.model (default: found from the "
-                        "checkpoint's config)")
+                   help="--to-hf: the tokenizer to export: a sentencepiece .model, or a Hugging Face tokenizer.json "
+                        "or its folder (default: the one saved with the checkpoint, else found from its config)")
+    g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   help="--to-hf: what --tokenizer-model is (default: HuggingFaceTokenizer for a folder or .json)")
     g.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="--from-hf: the checkpoint's model dtype (bf16/fp16 also store fp32 masters; default fp32)")
     g.add_argument("--seq-length", type=int, metavar="N",
@@ -181,7 +186,7 @@ def reshard(args: argparse.Namespace) -> None:
     new_index.update(megazero_version=megazero.__version__, layout=target, config=config, rng=rng_index,
                      converted_from={"path": str(src.resolve()), "layout": saved,
                                      "megazero_version": index.get("megazero_version")})
-    extra = [src / TOKENIZER_FILE] if (src / TOKENIZER_FILE).is_file() else []
+    extra = _tokenizer_files(src, index)
     with _bar(len(plan), "resharding") as bar:
         path = write_layout(out, new_index, plan, tensors, reader.read, rng=rng, extra_files=extra, bar=bar)
     describe = lambda lt: (f"tp{lt['tp']} pp{lt['pp']} vp{lt['vp']} dp{lt['dp']} zero{lt['zero_stage']}")  # noqa: E731
@@ -190,6 +195,13 @@ def reshard(args: argparse.Namespace) -> None:
     print(f"note: {rng_note}")
     print(f"wrote {path} (iteration {index['iteration']}): {describe(saved)} -> {describe(target)}, "
           f"{target['world']} rank(s), {_size(path)}")
+
+
+def _tokenizer_files(src: Path, index: dict) -> list[Path]:
+    """The tokenizer files a checkpoint holds (its index's "tokenizer" entry; or an older checkpoint's
+    tokenizer.model): a converted checkpoint carries them, and the entry comes along with the index."""
+    names = {*index["tokenizer"]["files"], TOKENIZER_FILE} if index.get("tokenizer") else {TOKENIZER_FILE}
+    return [src / name for name in sorted(names) if (src / name).is_file()]
 
 
 def _size(folder: Path) -> str:
@@ -225,21 +237,11 @@ def to_hf(args: argparse.Namespace) -> None:
     why = hf_refusal(index["config"]["model"])
     if why:
         raise ConfigError(f"{src / INDEX}: cannot export to Hugging Face GPT2LMHeadModel: {why}")
-    if args.tokenizer_model:
-        tokenizer, how = Path(args.tokenizer_model), "--tokenizer-model"
-        if not tokenizer.is_file():
-            raise ConfigError(f"--tokenizer-model {tokenizer}: file not found")
-    else:
-        tokenizer, how = locate_tokenizer(src, index)
-    eod = None
-    if tokenizer is not None:
-        from megazero.data.tokenizer import Tokenizer
-
-        tok = Tokenizer(tokenizer)
-        if tok.vocab_size != index["config"]["model"]["vocab_size"]:
-            raise ConfigError(f"--tokenizer-model {tokenizer}: vocabulary size {tok.vocab_size}, the model has "
-                              f"{index['config']['model']['vocab_size']}")
-        eod = tok.eod_id
+    if args.tokenizer_model and not Path(args.tokenizer_model).exists():
+        raise ConfigError(f"--tokenizer-model {args.tokenizer_model}: file not found")
+    if args.tokenizer_type and not args.tokenizer_model:
+        raise ConfigError("--tokenizer-type says what --tokenizer-model is: add --tokenizer-model PATH or drop it")
+    tokenizer, how = checkpoint_tokenizer(src, index, args.tokenizer_model, args.tokenizer_type)
     state, cfg, _ = model_state_dict(src, dtype=args.dtype)
     try:
         hf = to_hf_gpt2_state_dict(state, cfg)
@@ -247,8 +249,11 @@ def to_hf(args: argparse.Namespace) -> None:
         raise ConfigError(f"{src / INDEX}: cannot export to Hugging Face GPT2LMHeadModel: "
                           f"{str(err).strip(chr(34) + chr(39))}") from None
     hf.pop("lm_head.weight")  # tied to transformer.wte.weight (HF re-ties on load; safetensors stores no aliases)
+    eos = tokenizer.eos_id if tokenizer is not None else None
+    bos = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else eos  # GPT-2's convention
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-              **hf_gpt2_config(cfg, bos_token_id=eod, eos_token_id=eod),
+              **hf_gpt2_config(cfg, bos_token_id=bos, eos_token_id=eos),
+              "pad_token_id": tokenizer.pad_id if tokenizer is not None else None,
               "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype],
               "megazero": {"checkpoint": str(src.resolve()), "iteration": index["iteration"],
                            "megazero_version": index.get("megazero_version")}}
@@ -263,8 +268,11 @@ def to_hf(args: argparse.Namespace) -> None:
         save_file(weights, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
         os.chmod(tmp / HF_WEIGHTS, 0o644)  # safetensors creates 0600
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        written = None
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            from megazero.data.hf_export import write_hf_tokenizer
+
+            written = write_hf_tokenizer(tmp, tokenizer, model_max_length=cfg.max_positions)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -273,9 +281,9 @@ def to_hf(args: argparse.Namespace) -> None:
         raise
     print(f"wrote {out}: GPT2LMHeadModel ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
           f"{args.dtype}) from {src} (iteration {index['iteration']}), {_size(out)}")
-    if tokenizer is not None:
-        print(f"tokenizer: copied {how} as {out / TOKENIZER_FILE} (a sentencepiece model: load it with "
-              f"sentencepiece; eos/bos id {eod})")
+    if written is not None:
+        print(f"tokenizer: {how} -> {', '.join(written['files'])}: {written['note']}; bos/eos/pad ids "
+              f"{bos}/{eos}/{config['pad_token_id']} in {HF_CONFIG}")
     else:
         print(f"note: no tokenizer copied: {how}")
 
@@ -360,6 +368,7 @@ def from_hf(args: argparse.Namespace) -> None:
     src, out = Path(args.from_hf), Path(args.save)
     check_new_output(out, "--save")
     mcfg = model_config_from_hf(read_hf_config(src), src / HF_CONFIG, args)
+    tokenizer = _import_tokenizer(src, mcfg.vocab_size)  # before the weights: a bad file fails fast
     cfg = RunConfig(model=mcfg).replace(
         parallel={"tensor_model_parallel_size": args.target_tp or 1,
                   "pipeline_model_parallel_size": args.target_pp or 1,
@@ -402,8 +411,13 @@ def from_hf(args: argparse.Namespace) -> None:
                        "optimizer": {"type": None, "state": []}},
              "rng": rng_index, "imported_from": {"path": str(src.resolve()), "format": "huggingface-gpt2"}}
     plan = plan_layout(cfg, args.target_dp)
-    extra = [src / TOKENIZER_FILE] if (src / TOKENIZER_FILE).is_file() else []
-    with _bar(len(plan), "importing") as bar:
+    with tempfile.TemporaryDirectory() as staging, _bar(len(plan), "importing") as bar:
+        extra = [src / TOKENIZER_FILE] if (src / TOKENIZER_FILE).is_file() else []  # for sentencepiece users
+        if tokenizer is not None:
+            files = tokenizer.checkpoint_files()
+            index["tokenizer"] = tokenizer_record(tokenizer, files)
+            extra = [Path(staging) / n for n in write_tokenizer_files(files, staging)] + \
+                [f for f in extra if f.name not in files]
         path = write_layout(out, index, plan, tensors, lambda n, a, b: read_full_region(full[n], a, b), rng=rng,
                             extra_files=extra, bar=bar)
     print(f"wrote {path} (iteration 0) from {src}: {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
@@ -411,8 +425,23 @@ def from_hf(args: argparse.Namespace) -> None:
           f"tp{layout['tp']} pp{layout['pp']} vp{layout['vp']} dp{layout['dp']} zero{layout['zero_stage']}, "
           f"{args.params_dtype}; "
           f"no optimizer state: a plain --load starts a fresh optimizer (any --optimizer), {_size(path)}")
-    print(f"tokenizer: copied {path / TOKENIZER_FILE}" if extra
-          else f"tokenizer: none ({src / TOKENIZER_FILE} not found)")
+    if tokenizer is not None:
+        print(f"tokenizer: {tokenizer.type} from {src}, copied as {', '.join(sorted(p.name for p in extra))} "
+              f"(bos/eos/pad ids {tokenizer.bos_id}/{tokenizer.eos_id}/{tokenizer.pad_id}); train on with "
+              f"--tokenizer-type {tokenizer.type} --tokenizer-model "
+              f"{path / TOKENIZER_FILE if tokenizer.type == 'SentencePieceTokenizer' else path}")
+    else:
+        print(f"tokenizer: copied {path / TOKENIZER_FILE}" if extra
+              else f"tokenizer: none (no tokenizer.json or {TOKENIZER_FILE} in {src})")
+
+
+def _import_tokenizer(src: Path, vocab: int):
+    """The tokenizer of the Hugging Face folder `src` (tokenizer.json, else tokenizer.model), or None."""
+    tokenizer = tokenizer_in_folder(src)
+    if tokenizer is not None and tokenizer.vocab_size > vocab:
+        raise ConfigError(f"{src}: its tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
+                          f"{vocab}; the folder's tokenizer does not belong to this model")
+    return tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,12 +3,15 @@ r"""Tokenize text or JSON Lines files into a megazero indexed dataset (PREFIX.bi
     python tools/preprocess_data.py --input a.txt b.jsonl --output-prefix data/corpus --vocab-size 8192
     python tools/preprocess_data.py --input more.txt --output-prefix data/more \
         --tokenizer-model data/corpus.model
+    python tools/preprocess_data.py --input a.jsonl --output-prefix data/hf \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model path/to/tokenizer.json
 
 With --vocab-size a byte-fallback BPE sentencepiece tokenizer is trained on the inputs first and
-written to PREFIX.model. Plain-text inputs are cut into documents at blank lines by default
-(--split-documents file keeps each file whole); .jsonl/.json inputs give one document per line
-(the string under --json-key). Every document is followed by the tokenizer's eod token unless
---no-append-eod. Outputs appear only when complete; on any error none are left behind.
+written to PREFIX.model; --tokenizer-type HuggingFaceTokenizer encodes with a Hugging Face
+tokenizer.json (or a model folder holding one), offline. Plain-text inputs are cut into documents at
+blank lines by default (--split-documents file keeps each file whole); .jsonl/.json inputs give one
+document per line (the string under --json-key). Every document is followed by the tokenizer's eod
+(eos) token unless --no-append-eod. Outputs appear only when complete; on any error none are left behind.
 Bad input: one line `error: ...` on stderr and exit code 2. See docs/data.md.
 """
 
@@ -32,6 +35,7 @@ from megazero.data.indexed_dataset import bin_path, idx_path
 from megazero.data.preprocess import write_dataset
 from megazero.data.text_input import SPLIT_MODES, check_input_file, is_json_lines, iter_documents
 from megazero.data.tokenizer import Tokenizer, train_tokenizer
+from megazero.data.tokenizer_types import build_tokenizer
 from megazero.cli import OneLineParser, run_tool
 from megazero.config import SEED_MAX
 from megazero.errors import ConfigError
@@ -44,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="writes PREFIX.bin and PREFIX.idx (and PREFIX.model with --vocab-size)")
     tok = p.add_mutually_exclusive_group(required=True)
-    tok.add_argument("--tokenizer-model", metavar="FILE", help="an existing sentencepiece .model file")
+    tok.add_argument("--tokenizer-model", metavar="FILE",
+                     help="an existing sentencepiece .model file, or with --tokenizer-type HuggingFaceTokenizer a "
+                          "tokenizer.json or the folder holding it")
     tok.add_argument("--vocab-size", type=int, metavar="N",
                      help="train a BPE tokenizer with N pieces on the inputs, saved as PREFIX.model")
+    p.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   default="SentencePieceTokenizer",
+                   help="what --tokenizer-model is (default SentencePieceTokenizer; --vocab-size trains one)")
     p.add_argument("--json-key", default="text", help="key of the text in JSON Lines records (default: text)")
     p.add_argument("--split-documents", choices=SPLIT_MODES, default="blank-lines",
                    help="how plain text is cut into documents: at blank lines (default) or one per file")
@@ -73,10 +82,15 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seed must be in [0, {SEED_MAX}], got {args.seed}")
     if args.tokenizer_max_chars < 1:
         raise ConfigError(f"--tokenizer-max-chars must be >= 1, got {args.tokenizer_max_chars}")
+    if args.vocab_size is not None and args.tokenizer_type != "SentencePieceTokenizer":
+        raise ConfigError(f"--vocab-size trains a sentencepiece tokenizer; with --tokenizer-type {args.tokenizer_type} "
+                          f"pass --tokenizer-model (its tokenizer.json) instead")
     paths = [check_input_file(p) for p in args.input]
     for path in paths:  # fail fast on a wrong --json-key, before any long work
         if is_json_lines(path):
             next(iter_documents(path, json_key=args.json_key), None)
+    if args.tokenizer_model is not None:  # loaded before any long work: a bad file fails fast
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     prefix = Path(args.output_prefix)
     outputs = [bin_path(prefix), idx_path(prefix)]
     start = time.time()
@@ -88,8 +102,6 @@ def run(args: argparse.Namespace) -> None:
             train_tokenizer(paths, tmp_model, args.vocab_size, json_key=args.json_key,
                             max_chars=args.tokenizer_max_chars, seed=args.seed)
             tokenizer = Tokenizer(tmp_model)
-        else:
-            tokenizer = Tokenizer(args.tokenizer_model)
         total_bytes = sum(p.stat().st_size for p in paths)
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
                   disable=None) as bar:  # None: no bar unless stderr is a terminal
@@ -104,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
         tmp_model.unlink(missing_ok=True)
 
     print(f"wrote {stats.num_documents:,} documents, {stats.num_tokens:,} tokens "
-          f"(vocab {tokenizer.vocab_size:,}, tokenizer {tokenizer.model_path}, "
+          f"(vocab {tokenizer.vocab_size:,}, tokenizer {tokenizer.model_path} ({tokenizer.type}), "
           f"eod {'appended' if args.append_eod else 'not appended'}) to "
           f"{', '.join(map(str, outputs))} in {time.time() - start:.1f} s")
 

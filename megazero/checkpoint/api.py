@@ -1,6 +1,6 @@
 """Checkpoints outside a training run: `load_model` (a single-process model for tools, notebooks and
-evaluation) and the readers the tools share (config, full tensors, tokenizer). Writing a checkpoint
-offline in a chosen layout is offline.py's. docs/checkpoint_tools.md.
+evaluation) and the readers the tools share (config, full tensors, the tokenizer: `checkpoint_tokenizer`).
+Writing a checkpoint offline in a chosen layout is offline.py's. docs/checkpoint_tools.md.
 
 `load_model(path)` builds megazero's GPTModel at tp=1, pp=1 and fills every parameter from the
 checkpoint; the returned module maps token ids [batch, seq] to logits [batch, seq, vocab] over the
@@ -40,7 +40,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 _SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "precision": PrecisionConfig, "zero": ZeroConfig,
              "optimizer": OptimizerConfig, "data": DataConfig, "training": TrainingConfig, "logging": LoggingConfig,
              "checkpoint": CheckpointConfig}
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a sentencepiece tokenizer's copy (Tokenizer.CHECKPOINT_FILE)
 
 
 # ----- reading -------------------------------------------------------------------------------------------
@@ -191,6 +191,41 @@ def load_model(path: str | Path, device="cpu", dtype=None) -> CheckpointLM:
 
 
 # ----- the tokenizer ----------------------------------------------------------------------------------------
+def checkpoint_tokenizer(folder: Path, index: dict, path: str | Path | None = None, kind: str | None = None):
+    """(the tokenizer the checkpoint at `folder` was trained with, loaded (megazero.data.tokenizer_types), or
+    None; how it was found / why not).
+
+    `path` (a tool's --tokenizer-model; `kind` guessed from it when not given) wins. Else the copy a save
+    (or an import or conversion) put beside the index, recorded in its "tokenizer" entry; else, for
+    checkpoints saved before that entry existed, `locate_tokenizer`'s search for the sentencepiece
+    model. A tokenizer with more ids than the model's vocabulary is refused (CheckpointError); fewer is
+    fine (a Hugging Face model may pad its embedding past the tokenizer)."""
+    from megazero.data.tokenizer_types import build_tokenizer, guess_tokenizer_type
+
+    config = index.get("config", {})
+    data, vocab = config.get("data", {}), config.get("model", {}).get("vocab_size")
+    if path is not None:
+        kind = kind or guess_tokenizer_type(path)
+        tok, how = build_tokenizer(kind, path), f"{path} (--tokenizer-model, {kind})"
+    elif index.get("tokenizer"):
+        entry = index["tokenizer"]
+        kind = entry.get("type", "SentencePieceTokenizer")
+        where = folder / TOKENIZER_FILE if kind == "SentencePieceTokenizer" else folder
+        tok, how = build_tokenizer(kind, where), f"{', '.join(entry.get('files', []))} ({kind}, saved with {folder})"
+    elif data.get("tokenizer_type") == "HuggingFaceTokenizer" and data.get("tokenizer_model"):
+        tok, how = build_tokenizer("HuggingFaceTokenizer", data["tokenizer_model"]), \
+            f"{data['tokenizer_model']} (the run's --tokenizer-model, HuggingFaceTokenizer)"
+    else:
+        found, how = locate_tokenizer(folder, index)
+        if found is None:
+            return None, how
+        tok = build_tokenizer("SentencePieceTokenizer", found)
+    if vocab is not None and tok.vocab_size > vocab:
+        raise CheckpointError(f"{how}: the tokenizer has {tok.vocab_size} ids, the model's vocabulary {vocab}; pass "
+                              f"the --tokenizer-model the checkpoint was trained with")
+    return tok, how
+
+
 def locate_tokenizer(folder: Path, index: dict) -> tuple[Path | None, str]:
     """(the sentencepiece model the checkpoint was trained with, or None; how it was found / why not).
 
@@ -198,7 +233,8 @@ def locate_tokenizer(folder: Path, index: dict) -> tuple[Path | None, str]:
     conversions copy it there); config.data.tokenizer_model (runs on --data-path); for the default
     corpus (whose tokenizer the index does not record), the default-corpus cache this machine would
     use (config.data.cache_dir, $MEGAZERO_CACHE, ~/.cache/megazero). A candidate must have the model's
-    vocabulary size."""
+    vocabulary size. Checkpoints that record their tokenizer ("tokenizer" in the index) need no search:
+    `checkpoint_tokenizer` reads that first."""
     from megazero.data.tokenizer import Tokenizer
 
     config = index.get("config", {})

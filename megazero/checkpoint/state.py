@@ -20,6 +20,7 @@ loading it into a run of another rule is refused unless the optimizer state is n
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ from megazero import comm
 from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, CheckpointReader, Piece,
                                         commit, iteration_dirname, partial_dir, prepare_partial, rank_filename,
                                         check_optimizer_state, sha256_of, write_rank_file)
+from megazero.data.tokenizer_types import build_tokenizer, tokenizer_record, write_tokenizer_files
+from megazero.errors import DataError
 from megazero.optim.train_state import TrainState
 from megazero.tensor_parallel.sharding import ShardSpec, counts_toward_norm, get_shard_spec
 from megazero.topology import Topology
@@ -97,6 +100,27 @@ def layout_dict(cfg, dp: int) -> dict:
 
 
 # ----- save ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _tokenizer_copy(kind: str, path: str, stamp: tuple) -> tuple[dict, dict | None]:
+    """({file name: source path or content}, the index's "tokenizer" entry) of the run's tokenizer, loaded
+    once per process (stamp: the file's mtime and size, so a replaced file is read again)."""
+    try:
+        tok = build_tokenizer(kind, path)
+    except DataError:  # gone or unreadable since start-up: save without it, as when there is none
+        return {}, None
+    files = tok.checkpoint_files()
+    return files, tokenizer_record(tok, files)
+
+
+def tokenizer_copy(subject: "CheckpointSubject") -> tuple[dict, dict | None]:
+    """What a save keeps of the run's tokenizer (so exports need no data cache): {} and None without one."""
+    path = subject.tokenizer_model
+    if path is None or not Path(path).exists():
+        return {}, None
+    st = Path(path).stat()
+    return _tokenizer_copy(subject.cfg.data.tokenizer_type, str(path), (st.st_mtime_ns, st.st_size))
+
+
 class CheckpointSaveError(CheckpointError):
     """A save that could not be written (full disk, no permission): the same line on every rank; the
     interrupted `iter_N.partial` is removed and the previous checkpoint stays `latest`."""
@@ -173,11 +197,10 @@ def save_checkpoint(subject: CheckpointSubject, save: str | Path, keep_last: int
         tensors[f"{prefix}/ambient"] = state["ambient"]
         rng = {"file": fname, "prefix": prefix, "streams": sorted(state["streams"])}
     # What the checkpoint will take: the tensors, a safetensors header per file, the index, the tokenizer.
-    tokenizer = subject.tokenizer_model
-    tokenizer = Path(tokenizer) if tokenizer is not None and Path(tokenizer).is_file() else None
-    mine = sum(t.numel() * t.element_size() for t in tensors.values()) + 160 * len(tensors)
-    need = sum(comm.all_gather_object(mine, topo.world_group)) + 400 * len(entries) * topo.world_size + 2**16 \
-        + (tokenizer.stat().st_size if tokenizer is not None else 0)
+    tokenizer_files, tokenizer_entry = tokenizer_copy(subject) if topo.rank == 0 else ({}, None)
+    mine = sum(t.numel() * t.element_size() for t in tensors.values()) + 160 * len(tensors) \
+        + sum(len(src) if isinstance(src, bytes) else src.stat().st_size for src in tokenizer_files.values())
+    need = sum(comm.all_gather_object(mine, topo.world_group)) + 400 * len(entries) * topo.world_size + 2**16
     where = f"checkpoint {iteration_dirname(iteration)} into {save}"
 
     def failed(reason: str) -> str:
@@ -193,8 +216,8 @@ def save_checkpoint(subject: CheckpointSubject, save: str | Path, keep_last: int
             free = _free(save)
             if free is not None and free < need:
                 error = failed("not enough free space")
-            elif tokenizer is not None:  # so exports need no data cache
-                shutil.copyfile(tokenizer, partial_dir(save, iteration) / "tokenizer.model")
+            else:  # the tokenizer's files, so exports need no data cache
+                write_tokenizer_files(tokenizer_files, partial_dir(save, iteration))
         except OSError as err:
             error = failed(_reason(err))
     _agree(subject, error, save, iteration)
@@ -215,10 +238,10 @@ def save_checkpoint(subject: CheckpointSubject, save: str | Path, keep_last: int
                  "iteration": iteration, "layout": layout_dict(subject.cfg, topo.dp),
                  "config": subject.cfg.to_dict(),
                  "state": subject.state.to_index(exported["step_count"], exported["optimizer"]), "tensors": {}, "files": {}, "rng": {}}
-        tokenizer_copy = folder / "tokenizer.model"
-        if tokenizer_copy.is_file():
-            index["files"][tokenizer_copy.name] = {"sha256": sha256_of(tokenizer_copy),
-                                                   "bytes": tokenizer_copy.stat().st_size}
+        for name in tokenizer_files:  # checksummed like the tensor files
+            index["files"][name] = {"sha256": sha256_of(folder / name), "bytes": (folder / name).stat().st_size}
+        if tokenizer_entry is not None:
+            index["tokenizer"] = tokenizer_entry
         for _, meta, rank_entries, rank_rng, (pp_rank, tp_rank) in everyone:
             if meta is not None:
                 index["files"][meta["name"]] = {"sha256": meta["sha256"], "bytes": meta["bytes"]}

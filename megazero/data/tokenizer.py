@@ -40,10 +40,19 @@ _TRAIN_THREADS = 4
 
 
 class Tokenizer:
-    """A loaded sentencepiece model. `eod_id` is appended after every document in a dataset."""
+    """A loaded sentencepiece model (`--tokenizer-type SentencePieceTokenizer`, the default). It implements
+    the interface of megazero/data/tokenizer_types.py; `eod_id` is appended after every document in a
+    dataset. Text is encoded exactly as sentencepiece does: no bos, no special-token matching."""
+
+    type = "SentencePieceTokenizer"
+    CHECKPOINT_FILE = "tokenizer.model"  # the name of its copy in checkpoints and Hugging Face exports
 
     def __init__(self, model_path: str | Path):
         self.model_path = Path(model_path)
+        if self.model_path.is_dir() or self.model_path.suffix == ".json":
+            raise DataError(f"{self.model_path}: a SentencePieceTokenizer is a sentencepiece .model file; for a "
+                            f"Hugging Face tokenizer.json (or a folder holding one) pass --tokenizer-type "
+                            f"HuggingFaceTokenizer")
         if not self.model_path.is_file():
             raise DataError(f"{self.model_path}: tokenizer model not found; pass a .model file "
                             f"written by tools/preprocess_data.py (or train one with --vocab-size)")
@@ -52,13 +61,19 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"{self.model_path}: not a readable sentencepiece model ({first}); "
-                            f"rebuild it with tools/preprocess_data.py --vocab-size N") from None
+                            f"rebuild it with tools/preprocess_data.py --vocab-size N (or, for a Hugging Face "
+                            f"tokenizer.json, pass --tokenizer-type HuggingFaceTokenizer)") from None
         self.vocab_size: int = int(self._sp.get_piece_size())
         self.eod_id: int = int(self._sp.eos_id())
         if self.eod_id < 0:
             raise DataError(f"{self.model_path}: sentencepiece model defines no eos token, which "
                             f"megazero uses as end-of-document; retrain it with eos_id set "
                             f"(tools/preprocess_data.py --vocab-size N does)")
+        # sentencepiece answers -1 for an id the model does not define
+        self.eos_id: int = self.eod_id
+        self.bos_id: int | None = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
+        self.pad_id: int | None = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else None
+        self.unk_id: int | None = int(self._sp.unk_id()) if self._sp.unk_id() >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -74,6 +89,13 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+    def token_string(self, i: int | None) -> str | None:
+        return None if i is None else self.id_to_piece(i)
+
+    def checkpoint_files(self) -> dict[str, Path | bytes]:
+        """What a checkpoint keeps of this tokenizer: {file name: source path or content}."""
+        return {self.CHECKPOINT_FILE: self.model_path}
 
     def __reduce__(self):
         # Processes (DataLoader workers, pools) reload from the file instead of pickling the C++ object.

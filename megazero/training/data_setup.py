@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from megazero.config import RunConfig
-from megazero.data import IndexedDataset, Tokenizer, build_train_valid_test_datasets, prepare_default_data
+from megazero.data import IndexedDataset, build_tokenizer, build_train_valid_test_datasets, prepare_default_data
 from megazero.errors import DataError
 
 
@@ -28,11 +28,13 @@ def resolve_data(cfg: RunConfig, log: Callable[[str], None]) -> ResolvedData:
         prefix, model = Path(cfg.data.data_path), Path(cfg.data.tokenizer_model)
         description = f"{prefix}"
     dataset = IndexedDataset(prefix)  # validates header, version, .bin size
-    tokenizer = Tokenizer(model)
+    # the default corpus trains a sentencepiece model (DataConfig.check_tokenizer refuses another type there)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, model)
     if tokenizer.vocab_size != dataset.vocab_size:
         raise DataError(
             f"tokenizer {model} has vocab size {tokenizer.vocab_size} but dataset {prefix}.idx was built with "
-            f"vocab size {dataset.vocab_size}; pass the --tokenizer-model the data was preprocessed with"
+            f"vocab size {dataset.vocab_size}; pass the --tokenizer-model (and --tokenizer-type) the data was "
+            f"preprocessed with"
         )
     return ResolvedData(prefix=Path(prefix), tokenizer_model=Path(model), vocab_size=tokenizer.vocab_size,
                         description=f"{description}: {len(dataset):,} documents, {dataset.num_tokens:,} tokens")

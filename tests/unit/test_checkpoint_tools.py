@@ -208,7 +208,8 @@ def test_hf_export_logits_match_load_model(ckpts, tmp_path, capsys):
     code, out, err = _run(convert, ["--load", ckpts["src"], "--to-hf", tmp_path / "hf"], capsys)
     assert code == 0, err
     files = sorted(p.name for p in (tmp_path / "hf").iterdir())
-    assert files == ["config.json", "model.safetensors", "tokenizer.model"]
+    # tokenizer.json + tokenizer_config.json: AutoTokenizer loads the run's sentencepiece model (test_hf_tokenizer.py)
+    assert files == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == Path(ckpts["tokenizer"]).read_bytes()
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.vocab_size == VOCAB and hf.config.eos_token_id == 1
