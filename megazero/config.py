@@ -159,6 +159,21 @@ class ModelConfig:
     def qkv_bias(self) -> bool:
         return self.add_bias_linear or self.add_qkv_bias
 
+    def describe_parts(self) -> str:
+        """The block's parts in a few words, for the run log ("GPT-2 parts" when all are GPT-2's)."""
+        parts = [self.normalization, {"learned_absolute": "learned positions", "rope": "rope", "none": "no positions"}[
+            self.position_embedding_type], "SwiGLU" if self.swiglu else "GELU"]
+        if self.query_groups != self.num_attention_heads:
+            parts.append(f"{self.query_groups} query groups")
+        if self.position_embedding_type == "rope" and self.use_rope_scaling:
+            parts.append(f"llama3 rope scaling x{self.rope_scaling_factor:g}")
+        if not self.add_bias_linear:
+            parts.append("QKV bias only" if self.add_qkv_bias else "no linear biases")
+        if self.qk_layernorm:
+            parts.append("q/k norms")
+        parts.append("untied output" if self.untie_embeddings_and_output_weights else "tied output")
+        return ", ".join(parts)
+
     def check_parts(self) -> None:
         """The block parts' names and the head arithmetic they need (ConfigError, one line)."""
         for name, value, allowed in (("--normalization", self.normalization, ("LayerNorm", "RMSNorm")),

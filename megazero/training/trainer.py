@@ -124,7 +124,7 @@ class Trainer:
 
         self.log(f"model: {self.num_parameters:,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
                  f"{m.num_attention_heads} heads, seq {m.seq_length}, vocab {m.vocab_size} padded to "
-                 f"{m.padded_vocab_size(topo.tp)}); {topo.tp}-way tensor x {topo.pp}-way pipeline"
+                 f"{m.padded_vocab_size(topo.tp)}; {m.describe_parts()}); {topo.tp}-way tensor x {topo.pp}-way pipeline"
                  f"{f' (interleaved, {self.vp} chunks per stage)' if self.vp > 1 else ''} x {topo.dp}-way data parallel; "
                  f"global batch {self.global_batch} = micro {cfg.micro_batch_size(topo.world_size)} x {self.num_microbatches} "
                  f"accumulation x {topo.dp} dp; ZeRO stage {cfg.zero.stage}, {pr.params_dtype}; "
