@@ -95,6 +95,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "safetensors>=0.4",  # checkpoint files (megazero/checkpoint/format.py)
+        "tokenizers>=0.19",  # --tokenizer-type HuggingFaceTokenizer and tokenizer.json export (megazero/data/hf_tokenizer.py)
         # torch.utils.cpp_extension.load needs ninja for the first-use JIT build of the kernels.
         "ninja>=1.11",
     ],
