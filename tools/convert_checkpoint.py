@@ -1,28 +1,28 @@
-r"""Convert megazero checkpoints: reshard offline, export to / import from Hugging Face GPT-2.
+r"""Convert megazero checkpoints: reshard offline, export to / import from Hugging Face (GPT-2, Llama family).
 
     # reshard: write the checkpoint exactly as a tp1 pp2 dp2 ZeRO-2 run would have saved it
     python tools/convert_checkpoint.py --load ckpt --save ckpt_tp1pp2 --target-tp 1 --target-pp 2 \
         --target-dp 2 --target-zero-stage 2
-    # Hugging Face export: model.safetensors + config.json (GPT2LMHeadModel) + the run's tokenizer
-    # (tokenizer.json + tokenizer_config.json, for transformers.AutoTokenizer; and tokenizer.model if sentencepiece)
+    # Hugging Face export: model.safetensors + config.json (GPT2LMHeadModel, or for a Llama-style model
+    # LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM) + the run's tokenizer (tokenizer.json +
+    # tokenizer_config.json, for transformers.AutoTokenizer; and tokenizer.model if sentencepiece)
     python tools/convert_checkpoint.py --load ckpt --to-hf hf_model
-    # Hugging Face import: a GPT2LMHeadModel folder -> a megazero checkpoint at iteration 0
+    # Hugging Face import: a GPT-2 or Llama/Mistral/Qwen2/Qwen3 folder -> a megazero checkpoint at iteration 0
     python tools/convert_checkpoint.py --from-hf hf_model --save ckpt_from_hf --target-tp 2
 
 Loading needs no conversion (any layout reads any checkpoint); resharding offline gives files shaped
 for the target layout (each rank reads one file) and a config/layout that says what it is. Outputs
 appear only complete: a checkpoint is committed like a training save (iter_N.partial, then renamed,
 then `latest`); an HF folder is written beside OUT and renamed. Bad input: one line `error: ...` on
-stderr and exit code 2, naming the file and the mismatch. See docs/checkpoint_tools.md.
+stderr and exit code 2, naming the file and the mismatch. Reading, mapping and writing Hugging Face
+models is megazero/checkpoint/hf.py's; this file parses flags, handles the tokenizer and reports. See
+docs/checkpoint_tools.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -33,40 +33,31 @@ try:
 except ImportError:  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from tqdm import tqdm
 
 import megazero
-from megazero.checkpoint.api import (TOKENIZER_FILE, checkpoint_folder, checkpoint_tokenizer, model_state_dict,
-                                     run_config_from_dict)
-from megazero.checkpoint.format import INDEX, CheckpointReader, rank_filename
-from megazero.checkpoint.offline import plan_layout, read_full_region, validate_layout, write_layout
+from megazero.checkpoint import hf
+from megazero.checkpoint.api import TOKENIZER_FILE, checkpoint_folder, checkpoint_tokenizer, run_config_from_dict
+from megazero.checkpoint.format import CheckpointReader, rank_filename
+from megazero.checkpoint.offline import plan_layout, validate_layout, write_layout
 from megazero.checkpoint.state import layout_dict
 from megazero.cli import OneLineParser, run_tool
-from megazero.config import ModelConfig, RunConfig
+from megazero.config import RunConfig
 from megazero.data.tokenizer_types import tokenizer_in_folder, tokenizer_record, write_tokenizer_files
 from megazero.errors import ConfigError
-
-HF_WEIGHTS = "model.safetensors"
-HF_CONFIG = "config.json"
-# ModelConfig fields the GPT-2 mapping (megazero/model/hf_gpt2.py) represents; others must keep a value
-# GPT-2 has (checked in hf_refusal)
-_HF_MAPPED = {"num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
-              "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by", "hidden_dropout",
-              "attention_dropout", "init_method_std", "layernorm_epsilon", "fused_kernels"}
-_GPT2_VALUES = {"normalization": ("layernorm", "LayerNorm")}  # settings other versions may add
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Reshard a megazero checkpoint offline, or convert it to / from a Hugging "
-                                  "Face GPT2LMHeadModel folder.")
+                                  "Face folder (GPT2LMHeadModel; Llama, Mistral, Qwen2, Qwen3 ForCausalLM).")
     p.add_argument("--load", metavar="DIR", help="the checkpoint: a --save folder (its latest) or one iter_N folder")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--save", metavar="OUT",
                       help="write a checkpoint (reshard with --load, or import with --from-hf)")
-    mode.add_argument("--to-hf", metavar="OUT", help="write a Hugging Face GPT2LMHeadModel folder")
-    p.add_argument("--from-hf", metavar="IN", help="import a GPT2LMHeadModel folder (config.json + model.safetensors "
-                                                   "or pytorch_model.bin) into --save OUT at iteration 0")
+    mode.add_argument("--to-hf", metavar="OUT", help="write a Hugging Face folder: GPT2LMHeadModel, or a "
+                                                      "Llama-family model for a Llama-style checkpoint")
+    p.add_argument("--from-hf", metavar="IN", help="import a Hugging Face GPT-2 or Llama-family folder (config.json + "
+                   "model.safetensors, sharded or not, or pytorch_model.bin) into --save OUT at iteration 0")
     g = p.add_argument_group("target layout (--save)")
     g.add_argument("--target-tp", type=int, metavar="T", help="tensor-parallel size (reshard: required; import: 1)")
     g.add_argument("--target-pp", type=int, metavar="P", help="pipeline-parallel size (reshard: required; import: 1)")
@@ -210,221 +201,72 @@ def _size(folder: Path) -> str:
 
 
 # ----- Hugging Face export -------------------------------------------------------------------------------
-def hf_refusal(model: dict) -> str | None:
-    """Why HF GPT-2 cannot represent this model, or None."""
-    defaults = {f: getattr(ModelConfig(), f) for f in ModelConfig.__dataclass_fields__}
-    for key, value in sorted(model.items()):
-        if key in _HF_MAPPED:
-            continue
-        if key in _GPT2_VALUES:
-            if value in _GPT2_VALUES[key]:
-                continue
-        elif key in defaults and value == defaults[key]:
-            continue  # a setting this megazero knows, at its (GPT-2) default
-        return f"model setting {key}={value!r} has no Hugging Face GPT-2 equivalent (hf_gpt2 maps GPT-2 models only)"
-    return None
-
-
 def to_hf(args: argparse.Namespace) -> None:
-    from safetensors.torch import save_file
-
-    from megazero.model.hf_gpt2 import hf_gpt2_config, to_hf_gpt2_state_dict
-
     src = checkpoint_folder(args.load)
     out = Path(args.to_hf)
     check_new_output(out, "--to-hf")
     index = CheckpointReader(src, verify=False).index
-    why = hf_refusal(index["config"]["model"])
-    if why:
-        raise ConfigError(f"{src / INDEX}: cannot export to Hugging Face GPT2LMHeadModel: {why}")
+    family, arch = hf.export_refusal(src, index)  # GPT-2 or Llama family, from the config; before any tensor
     if args.tokenizer_model and not Path(args.tokenizer_model).exists():
         raise ConfigError(f"--tokenizer-model {args.tokenizer_model}: file not found")
     if args.tokenizer_type and not args.tokenizer_model:
         raise ConfigError("--tokenizer-type says what --tokenizer-model is: add --tokenizer-model PATH or drop it")
     tokenizer, how = checkpoint_tokenizer(src, index, args.tokenizer_model, args.tokenizer_type)
-    state, cfg, _ = model_state_dict(src, dtype=args.dtype)
-    try:
-        hf = to_hf_gpt2_state_dict(state, cfg)
-    except (KeyError, ValueError) as err:  # a model hf_gpt2 cannot map (other parameters or shapes)
-        raise ConfigError(f"{src / INDEX}: cannot export to Hugging Face GPT2LMHeadModel: "
-                          f"{str(err).strip(chr(34) + chr(39))}") from None
-    hf.pop("lm_head.weight")  # tied to transformer.wte.weight (HF re-ties on load; safetensors stores no aliases)
+    weights, cfg, _ = hf.export_tensors(src, family, args.dtype)
     eos = tokenizer.eos_id if tokenizer is not None else None
     bos = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else eos  # GPT-2's convention
-    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-              **hf_gpt2_config(cfg, bos_token_id=bos, eos_token_id=eos),
-              "pad_token_id": tokenizer.pad_id if tokenizer is not None else None,
-              "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype],
-              "megazero": {"checkpoint": str(src.resolve()), "iteration": index["iteration"],
-                           "megazero_version": index.get("megazero_version")}}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        weights = {}
-        for name in tqdm(sorted(hf), desc="exporting", unit="tensor", file=sys.stderr, leave=False,
-                         disable=None):
-            weights[name] = hf[name].contiguous()
-        save_file(weights, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
-        os.chmod(tmp / HF_WEIGHTS, 0o644)  # safetensors creates 0600
-        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        written = None
-        if tokenizer is not None:
-            from megazero.data.hf_export import write_hf_tokenizer
+    pad = tokenizer.pad_id if tokenizer is not None else None
+    config = hf.export_config(family, cfg, src=src, index=index, dtype=args.dtype, bos_token_id=bos,
+                              eos_token_id=eos, pad_token_id=pad)
 
-            written = write_hf_tokenizer(tmp, tokenizer, model_max_length=cfg.max_positions)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"wrote {out}: GPT2LMHeadModel ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+    def write_tokenizer(folder: Path):
+        if tokenizer is None:
+            return None
+        from megazero.data.hf_export import write_hf_tokenizer
+
+        return write_hf_tokenizer(folder, tokenizer, model_max_length=cfg.max_positions)
+    written = hf.write_hf_folder(out, weights, config, write_tokenizer)
+    print(f"wrote {out}: {arch} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
           f"{args.dtype}) from {src} (iteration {index['iteration']}), {_size(out)}")
     if written is not None:
         print(f"tokenizer: {how} -> {', '.join(written['files'])}: {written['note']}; bos/eos/pad ids "
-              f"{bos}/{eos}/{config['pad_token_id']} in {HF_CONFIG}")
+              f"{bos}/{eos}/{pad} in {hf.HF_CONFIG}")
     else:
         print(f"note: no tokenizer copied: {how}")
 
 
 # ----- Hugging Face import -------------------------------------------------------------------------------
-def read_hf_config(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise ConfigError(f"--from-hf {folder}: no such folder")
-    config_path = folder / HF_CONFIG
-    try:
-        return json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{config_path}: unreadable Hugging Face config ({' '.join(str(err).split())})") from None
-
-
-def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a Hugging Face folder, with GPT2LMHeadModel names."""
-    from safetensors import safe_open
-
-    if (folder / HF_WEIGHTS).is_file():
-        files = [folder / HF_WEIGHTS]
-    elif (folder / "model.safetensors.index.json").is_file():
-        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-    elif (folder / "pytorch_model.bin").is_file():
-        files = [folder / "pytorch_model.bin"]
-    else:
-        raise ConfigError(f"--from-hf {folder}: no model.safetensors, model.safetensors.index.json or "
-                          f"pytorch_model.bin")
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            if path.suffix == ".bin":
-                state.update(torch.load(path, map_location="cpu", weights_only=True))
-            else:
-                with safe_open(str(path), framework="pt") as f:
-                    state.update({k: f.get_tensor(k) for k in f.keys()})
-        except Exception as err:
-            raise ConfigError(f"{path}: unreadable weights file ({' '.join(str(err).split())})") from None
-    if not any(k.startswith("transformer.") for k in state):  # saved from GPT2Model (the hub's "gpt2" repo)
-        state = {(k if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in state.items()}
-    return state
-
-
-def model_config_from_hf(config: dict, where: Path, args: argparse.Namespace) -> ModelConfig:
-    def refuse(why: str):
-        raise ConfigError(f"{where}: cannot import: {why}")
-
-    if config.get("model_type") != "gpt2":
-        refuse(f"model_type {config.get('model_type')!r}, not a GPT-2 model (gpt2)")
-    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        refuse(f"activation_function {config['activation_function']!r}; megazero's GPT uses tanh-approximate GELU "
-               f"(gelu_new)")
-    for key, gpt2 in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                      ("add_cross_attention", False), ("tie_word_embeddings", True)):
-        if config.get(key, gpt2) != gpt2:
-            refuse(f"{key} {config[key]}; megazero's GPT has {key} {gpt2}")
-    try:
-        n_positions = config.get("n_positions", config.get("n_ctx", 1024))
-        cfg = ModelConfig(num_layers=config["n_layer"], hidden_size=config["n_embd"],
-                          num_attention_heads=config["n_head"], ffn_hidden_size=config.get("n_inner"),
-                          seq_length=args.seq_length or n_positions, max_position_embeddings=n_positions,
-                          vocab_size=config["vocab_size"],
-                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                          hidden_dropout=config.get("resid_pdrop", 0.1),
-                          attention_dropout=config.get("attn_pdrop", 0.1),
-                          init_method_std=config.get("initializer_range", 0.02),
-                          layernorm_epsilon=config.get("layer_norm_epsilon", 1e-5))
-    except KeyError as err:
-        refuse(f"config has no {err}")
-    if cfg.seq_length > cfg.max_positions:
-        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's {cfg.max_positions} positions")
-    return cfg
-
-
 def from_hf(args: argparse.Namespace) -> None:
-    from megazero.model.hf_gpt2 import from_hf_gpt2_state_dict
-    from megazero.optim.loss_scaler import build_loss_scaler
-    from megazero.random import RNGStreams
-    from megazero.topology import Coords, GridShape, coords_to_rank
-
     src, out = Path(args.from_hf), Path(args.save)
     check_new_output(out, "--save")
-    mcfg = model_config_from_hf(read_hf_config(src), src / HF_CONFIG, args)
+    config = hf.read_hf_config(src)
+    mcfg = hf.model_config_from_hf(config, src / hf.HF_CONFIG, seq_length=args.seq_length,
+                                   make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     tokenizer = _import_tokenizer(src, mcfg.vocab_size)  # before the weights: a bad file fails fast
-    cfg = RunConfig(model=mcfg).replace(
-        parallel={"tensor_model_parallel_size": args.target_tp or 1,
-                  "pipeline_model_parallel_size": args.target_pp or 1,
-                  "virtual_pipeline_model_parallel_size": args.target_vp if args.target_vp != 1 else None},
-        zero={"stage": args.target_zero_stage or 0}, precision={"params_dtype": args.params_dtype})
-    validate_layout(cfg, args.target_dp)
-    # the batch sizes explicit, as a run records them (a resume keeps the checkpoint's global batch)
-    cfg = cfg.resolved(cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
-                       * args.target_dp)
-    try:
-        state = from_hf_gpt2_state_dict(read_hf_weights(src), mcfg, padded_vocab_size=mcfg.vocab_size)
-    except (KeyError, ValueError) as err:
-        raise ConfigError(f"{src}: weights do not match {HF_CONFIG}: {str(err).strip(chr(34) + chr(39))}") from None
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.params_dtype]
-    full: dict[str, torch.Tensor] = {}
-    for name, value in state.items():
-        full[f"model/{name}"] = value.to(dtype)
-        if dtype != torch.float32:
-            full[f"master/{name}"] = value.float()
-    tensors = {n: (list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in full.items()}
-    pr = cfg.precision
-    scaler = build_loss_scaler(pr.params_dtype, pr.loss_scale, pr.initial_loss_scale, pr.loss_scale_window,
-                               pr.hysteresis, pr.min_loss_scale)
-    layout = layout_dict(cfg, args.target_dp)
-    grid = GridShape(layout["world"], tp=layout["tp"], pp=layout["pp"])
-    rng, rng_index = {}, {}
-    with torch.random.fork_rng(devices=[]):  # the streams a fresh run of this config starts with
-        for pp_rank in range(layout["pp"]):
-            for tp_rank in range(layout["tp"]):
-                streams = RNGStreams(cfg.training.seed, tp_rank, pp_rank, torch.device("cpu")).state_dict()
-                rank, prefix = coords_to_rank(Coords(tp=tp_rank, dp=0, pp=pp_rank), grid), f"rng/pp{pp_rank}.tp{tp_rank}"
-                rng[rank] = {f"{prefix}/{s}": t for s, t in streams["streams"].items()}
-                rng[rank][f"{prefix}/ambient"] = streams["ambient"]
-                rng_index[f"pp{pp_rank}.tp{tp_rank}"] = {"file": rank_filename(rank), "prefix": prefix,
-                                                         "streams": sorted(streams["streams"])}
-    index = {"megazero_version": megazero.__version__, "iteration": 0, "layout": layout, "config": cfg.to_dict(),
-             "state": {"iteration": 0, "consumed_samples": 0, "optimizer_steps": 0, "consecutive_skips": 0,
-                       "adam_steps": 0, "loss_scaler": scaler.state_dict(),
-                       # no optimizer state: a --load starts whichever optimizer the run uses fresh
-                       "optimizer": {"type": None, "state": []}},
-             "rng": rng_index, "imported_from": {"path": str(src.resolve()), "format": "huggingface-gpt2"}}
-    plan = plan_layout(cfg, args.target_dp)
-    with tempfile.TemporaryDirectory() as staging, _bar(len(plan), "importing") as bar:
+    cfg = hf.import_run_config(mcfg, tp=args.target_tp or 1, pp=args.target_pp or 1, vp=args.target_vp,
+                               dp=args.target_dp, zero_stage=args.target_zero_stage or 0,
+                               params_dtype=args.params_dtype)
+    state = hf.import_state(config, hf.read_hf_weights(src), mcfg, src)
+    with tempfile.TemporaryDirectory() as staging:
         extra = [src / TOKENIZER_FILE] if (src / TOKENIZER_FILE).is_file() else []  # for sentencepiece users
+        index_extra = None
         if tokenizer is not None:
             files = tokenizer.checkpoint_files()
-            index["tokenizer"] = tokenizer_record(tokenizer, files)
+            index_extra = {"tokenizer": tokenizer_record(tokenizer, files)}
             extra = [Path(staging) / n for n in write_tokenizer_files(files, staging)] + \
                 [f for f in extra if f.name not in files]
-        path = write_layout(out, index, plan, tensors, lambda n, a, b: read_full_region(full[n], a, b), rng=rng,
-                            extra_files=extra, bar=bar)
-    print(f"wrote {path} (iteration 0) from {src}: {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
-          f"{mcfg.num_attention_heads} heads, vocab {mcfg.vocab_size}, positions {mcfg.max_positions}; "
+        path, layout = hf.write_import(out, cfg, args.target_dp, state, source=src,
+                                       source_format=f"huggingface-{config['model_type']}", extra_files=extra,
+                                       index_extra=index_extra, make_bar=lambda total: _bar(total, "importing"))
+    print(f"wrote {path} (iteration 0) from {src} ({config['model_type']}: {mcfg.describe_parts()}): "
+          f"{mcfg.num_layers} layers, hidden {mcfg.hidden_size}, {mcfg.num_attention_heads} heads, vocab "
+          f"{mcfg.vocab_size}, positions {mcfg.max_positions}; "
           f"tp{layout['tp']} pp{layout['pp']} vp{layout['vp']} dp{layout['dp']} zero{layout['zero_stage']}, "
           f"{args.params_dtype}; "
           f"no optimizer state: a plain --load starts a fresh optimizer (any --optimizer), {_size(path)}")
+    flags, missing = hf.run_flags(mcfg)
+    print(f"model flags for pretrain_gpt.py --load {out}: {flags}"
+          + (f" (no flag sets {', '.join(missing)}: a run cannot reproduce them)" if missing else ""))
     if tokenizer is not None:
         print(f"tokenizer: {tokenizer.type} from {src}, copied as {', '.join(sorted(p.name for p in extra))} "
               f"(bos/eos/pad ids {tokenizer.bos_id}/{tokenizer.eos_id}/{tokenizer.pad_id}); train on with "

@@ -48,11 +48,14 @@ def validate_layout(cfg: RunConfig, dp: int) -> None:
         if value < 1:
             raise ConfigError(f"--target-{name} must be >= 1, got {value}")
     GridShape(tp * pp * dp, tp=tp, pp=pp)
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"hidden size {m.hidden_size} is not divisible by {m.num_attention_heads} heads")
+    m.check_parts()  # head dim, query groups, rope dims (as validation.validate)
     if m.num_attention_heads % tp:
         raise ConfigError(f"--target-tp {tp}: the model's {m.num_attention_heads} attention heads are not divisible "
                           f"by {tp}; choose a tp that divides {m.num_attention_heads}")
+    groups = m.query_groups
+    if (groups >= tp and groups % tp) or (groups < tp and tp % groups):
+        raise ConfigError(f"--target-tp {tp}: the model's {groups} key/value groups and tp {tp}: one must divide "
+                          f"the other (each rank holds whole groups, or a group is shared by tp / groups ranks)")
     if m.ffn_size % tp:
         raise ConfigError(f"--target-tp {tp}: the model's ffn hidden size {m.ffn_size} is not divisible by {tp}")
     if cfg.zero.stage not in (0, 1, 2, 3):

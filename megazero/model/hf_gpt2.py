@@ -134,14 +134,15 @@ def _qkv_from_hf_order(x: Tensor, cfg: ModelConfig) -> Tensor:
     return _permuted_copy(x.reshape(3, nh, hd, *x.shape[1:]).transpose(0, 1), x.shape)
 
 
-def _check_keys(state: dict, expected: set[str], what: str) -> None:
+def check_keys(state: dict, expected: set[str], what: str) -> None:
+    """KeyError naming (the first few) missing and unexpected keys; shared with hf_llama.py."""
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
-        raise KeyError(f"{what} state dict does not match the config: missing {sorted(missing)}, "
-                       f"unexpected {sorted(unexpected)}")
+        raise KeyError(f"{what} state dict does not match the config: missing {sorted(missing)[:4]}, "
+                       f"unexpected {sorted(unexpected)[:4]}")
 
 
-def _check_shape(t: Tensor, shape: tuple[int, ...], name: str) -> None:
+def check_shape(t: Tensor, shape: tuple[int, ...], name: str) -> None:
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {shape}")
 
@@ -158,7 +159,7 @@ def to_hf_gpt2_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[st
     layer_keys = [_QKV_W, _QKV_B] + [m for m, _, _ in _LAYER_MAP]
     expected = {"word_embeddings.weight"} | {m for m, _ in _GLOBAL_MAP} | {
         f"layers.{i}.{k}" for i in range(cfg.num_layers) for k in layer_keys}
-    _check_keys(state, expected, "megazero")
+    check_keys(state, expected, "megazero")
 
     out: dict[str, Tensor] = {}
     wte = state["word_embeddings.weight"]
@@ -166,15 +167,15 @@ def to_hf_gpt2_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[st
         raise ValueError(f"word_embeddings.weight: shape {tuple(wte.shape)}, expected [>= {v}, {h}]")
     out[_WTE] = wte.detach()[:v].clone()
     out[_LM_HEAD] = out[_WTE]
-    _check_shape(state["position_embeddings"], (cfg.max_positions, h), "position_embeddings")
+    check_shape(state["position_embeddings"], (cfg.max_positions, h), "position_embeddings")
     for mz, hf in _GLOBAL_MAP:
         out[hf] = state[mz].detach().clone()
 
     for i in range(cfg.num_layers):
         src, dst = f"layers.{i}.", f"transformer.h.{i}."
         qkv_w, qkv_b = state[src + _QKV_W].detach(), state[src + _QKV_B].detach()
-        _check_shape(qkv_w, (3 * h, h), src + _QKV_W)
-        _check_shape(state[src + "mlp.dense_h_to_4h.weight"], (f, h), src + "mlp.dense_h_to_4h.weight")
+        check_shape(qkv_w, (3 * h, h), src + _QKV_W)
+        check_shape(state[src + "mlp.dense_h_to_4h.weight"], (f, h), src + "mlp.dense_h_to_4h.weight")
         out[dst + _HF_QKV_W] = _qkv_to_hf_order(qkv_w, cfg).t().contiguous()
         out[dst + _HF_QKV_B] = _qkv_to_hf_order(qkv_b, cfg)
         for mz, hf, transpose in _LAYER_MAP:
@@ -203,10 +204,10 @@ def from_hf_gpt2_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig, *,
     layer_keys = [_HF_QKV_W, _HF_QKV_B] + [hf for _, hf, _ in _LAYER_MAP]
     expected = {_WTE} | {hf for _, hf in _GLOBAL_MAP} | {
         f"transformer.h.{i}.{k}" for i in range(cfg.num_layers) for k in layer_keys}
-    _check_keys(hf_state, expected, "GPT2LMHeadModel")
+    check_keys(hf_state, expected, "GPT2LMHeadModel")
 
     wte = hf_state[_WTE].detach()
-    _check_shape(wte, (v, h), _WTE)
+    check_shape(wte, (v, h), _WTE)
     if lm_head is not None and not (lm_head is wte or torch.equal(lm_head.detach(), wte)):
         raise ValueError("lm_head.weight differs from transformer.wte.weight; megazero ties the output "
                          "layer to the word embedding and cannot represent an untied head")
@@ -215,15 +216,15 @@ def from_hf_gpt2_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig, *,
     table = wte.new_zeros((padded, h))
     table[:v].copy_(wte)
     out["word_embeddings.weight"] = table
-    _check_shape(hf_state["transformer.wpe.weight"], (cfg.max_positions, h), "transformer.wpe.weight")
+    check_shape(hf_state["transformer.wpe.weight"], (cfg.max_positions, h), "transformer.wpe.weight")
     for mz, hf in _GLOBAL_MAP:
         out[mz] = hf_state[hf].detach().clone()
 
     for i in range(cfg.num_layers):
         src, dst = f"transformer.h.{i}.", f"layers.{i}."
         c_attn_w, c_attn_b = hf_state[src + _HF_QKV_W].detach(), hf_state[src + _HF_QKV_B].detach()
-        _check_shape(c_attn_w, (h, 3 * h), src + _HF_QKV_W)
-        _check_shape(hf_state[src + "mlp.c_fc.weight"], (h, f), src + "mlp.c_fc.weight")
+        check_shape(c_attn_w, (h, 3 * h), src + _HF_QKV_W)
+        check_shape(hf_state[src + "mlp.c_fc.weight"], (h, f), src + "mlp.c_fc.weight")
         out[dst + _QKV_W] = _qkv_from_hf_order(c_attn_w.t(), cfg)
         out[dst + _QKV_B] = _qkv_from_hf_order(c_attn_b, cfg)
         for mz, hf, transpose in _LAYER_MAP:

@@ -28,6 +28,9 @@ from megazero.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig,
 from megazero.validation import validate
 from tests.checkpoint_utils import assert_same_tensors, checkpoint_tensors
 from tests.dist_utils import run_distributed
+from tests.tool_utils import one_line_error as _one_line_error
+from tests.tool_utils import refused_export
+from tests.tool_utils import run_main as _run
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 512
@@ -111,18 +114,6 @@ def _assert_same_tensors(a: Path, b: Path, kinds=(*fmt.PARAM_KINDS, *fmt.ADAM_ST
     """Exactly equal global tensors of the given kinds."""
     ta, tb = ({n: t for n, t in checkpoint_tensors(f).items() if n.split("/")[0] in kinds} for f in (a, b))
     assert_same_tensors(ta, tb, f"{a} vs {b}")
-
-
-def _run(module, argv, capsys) -> tuple[int, str, str]:
-    code = module.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # drop progress bars
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 # ----- reshard -------------------------------------------------------------------------------------------
@@ -265,17 +256,15 @@ def test_hf_round_trip_of_a_transformers_model(tmp_path, capsys):
 
 
 def test_hf_refusals_are_one_line(ckpts, tmp_path, capsys):
-    copy = tmp_path / "ck"
-    shutil.copytree(ckpts["src"], copy)
-    index = json.loads((copy / "index.json").read_text())
-    index["config"]["model"]["normalization"] = "RMSNorm"
-    (copy / "index.json").write_text(json.dumps(index))
-    code, _, err = _run(convert, ["--load", copy, "--to-hf", tmp_path / "hf"], capsys)
-    assert code == 2 and "normalization='RMSNorm' has no Hugging Face GPT-2 equivalent" in _one_line_error(err)
-    assert not (tmp_path / "hf").exists()
-    (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    code, _, err = _run(convert, ["--from-hf", tmp_path / "llama", "--save", tmp_path / "out"], capsys)
+    # a GPT-2 model with a part GPT-2 lacks; RMSNorm with learned positions (a Llama part without rope: neither
+    # family). The Llama family's own refusals: tests/unit/test_hf_llama.py
+    err = refused_export(convert, ckpts["src"], {"qk_layernorm": True}, tmp_path, capsys)
+    assert "qk_layernorm=True has no Hugging Face GPT-2 equivalent" in err
+    err = refused_export(convert, ckpts["src"], {"normalization": "RMSNorm"}, tmp_path, capsys)
+    assert "position_embedding_type='learned_absolute' has no Hugging Face Llama-family equivalent" in err
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, _, err = _run(convert, ["--from-hf", tmp_path / "bert", "--save", tmp_path / "out"], capsys)
     assert code == 2 and "not a GPT-2 model" in _one_line_error(err) and not (tmp_path / "out").exists()
 
 
