@@ -21,6 +21,7 @@ loading it into a run of another rule is refused unless the optimizer state is n
 from __future__ import annotations
 
 import functools
+import dataclasses
 import os
 import re
 import shutil
@@ -259,17 +260,58 @@ def save_checkpoint(subject: CheckpointSubject, save: str | Path, keep_last: int
 
 
 # ----- load ----------------------------------------------------------------------------------------------
+# the block's parts (ModelConfig fields or properties) that must agree too: they change the math or the
+# parameter set (an untied output layer, biases), so a mismatch would train a different model
+PART_FIELDS = ("normalization", "layernorm_epsilon", "position_embedding_type", "rotary_base", "rotary_percent",
+               "use_rope_scaling", "swiglu", "query_groups", "head_dim", "untie_embeddings_and_output_weights",
+               "add_bias_linear", "qkv_bias", "qk_layernorm")
+ROPE_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                       "rope_original_max_positions")
+# how a run sets a derived part
+_PART_FLAGS = {"query_groups": "--group-query-attention --num-query-groups", "head_dim": "--kv-channels",
+               "qkv_bias": "--add-qkv-bias (or leave out --disable-bias-linear)"}
+
+
+def _setting(field: str, value) -> str:
+    """How to give `field` = value on the command line (the flags table's spelling)."""
+    from megazero.flags import FLAG_GROUPS
+
+    if field in _PART_FLAGS:
+        return f"{_PART_FLAGS[field]} {value}" if not isinstance(value, bool) else _PART_FLAGS[field]
+    for _, flags in FLAG_GROUPS:
+        for f in flags:
+            if f.dest == f"model.{field}":
+                if f.is_switch:
+                    return f"{'add' if value == f.const else 'drop'} {f.names[0]}"
+                return f"{f.names[0]} {value}"
+    return f"{field} {value}"
+
+
 def check_model_shape(index: dict, cfg, where: Path) -> None:
-    saved = index["config"]["model"]
+    """The checkpoint's model against this run's: the shape (layers, widths, vocabulary, positions) and
+    the block's parts (norm, positions, rope, MLP, query groups, head dim, biases, tying). One line
+    naming the first difference and the flag that gives the checkpoint's value."""
+    from megazero.config import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved_dict = index["config"]["model"]
+    saved = ModelConfig(**{k: v for k, v in saved_dict.items() if k in known})  # older indexes: GPT-2 parts
     for field in SHAPE_FIELDS:
-        mine, theirs = getattr(cfg.model, field), saved.get(field)
+        mine, theirs = getattr(cfg.model, field), getattr(saved, field)
         if field == "ffn_hidden_size":
-            mine, theirs = cfg.model.ffn_size, theirs or 4 * saved["hidden_size"]
+            mine, theirs = cfg.model.ffn_size, saved.ffn_size
         if field == "max_position_embeddings":
-            mine, theirs = cfg.model.max_positions, theirs or saved["seq_length"]
+            mine, theirs = cfg.model.max_positions, saved.max_positions
         if mine != theirs:
             raise CheckpointError(f"{where}: checkpoint has {field.replace('_', '-')} {theirs}, this run has {mine}; "
                                   f"pass --{field.replace('_', '-')} {theirs} (the model shape must match)")
+    parts = PART_FIELDS + (ROPE_SCALING_FIELDS if saved.use_rope_scaling and cfg.model.use_rope_scaling else ())
+    for field in parts:
+        mine, theirs = getattr(cfg.model, field), getattr(saved, field)
+        if mine != theirs:
+            raise CheckpointError(f"{where}: checkpoint has {field.replace('_', '-')} {theirs}, this run has {mine}; "
+                                  f"{_setting(field, theirs)} (the block's parts must match the checkpoint's; its "
+                                  f"config.json lists them)")
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ interleaved gate/up rows, RMSNorm, and the config checks for the parts."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -136,3 +137,34 @@ def test_swiglu_interleaved_rows_and_rmsnorm_match_references():
 def test_part_checks_are_one_line(fields, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig(hidden_size=256, num_attention_heads=4, **fields).check_parts()
+
+
+@pytest.mark.parametrize("theirs,mine,message", [
+    ({"untie_embeddings_and_output_weights": True}, {},
+     "checkpoint has untie-embeddings-and-output-weights True, this run has False; add "
+     "--untie-embeddings-and-output-weights (the block's parts must match"),
+    ({"normalization": "RMSNorm"}, {}, "checkpoint has normalization RMSNorm, this run has LayerNorm; "
+                                       "--normalization RMSNorm"),
+    ({"position_embedding_type": "rope", "rotary_base": 500000.0}, {"position_embedding_type": "rope"},
+     "checkpoint has rotary-base 500000.0, this run has 10000.0; --rotary-base 500000.0"),
+    ({"group_query_attention": True, "num_query_groups": 2}, {},
+     "checkpoint has query-groups 2, this run has 4; --group-query-attention --num-query-groups 2"),
+    ({"swiglu": True, "ffn_hidden_size": 128}, {"ffn_hidden_size": 128}, "checkpoint has swiglu True, this run "
+                                                                         "has False; add --swiglu"),
+    ({"add_bias_linear": False}, {}, "checkpoint has add-bias-linear False, this run has True; add "
+                                     "--disable-bias-linear"),
+])
+def test_loading_a_checkpoint_of_other_block_parts_is_refused(tmp_path, theirs, mine, message):
+    """Start-up and load compare the parts, not only the shape: an untied checkpoint loaded into a tied
+    run would otherwise drop its output layer silently."""
+    import dataclasses
+
+    from megazero.checkpoint.format import CheckpointError
+    from megazero.checkpoint.state import check_model_shape
+    from megazero.config import RunConfig
+
+    shape = dict(hidden_size=64, num_attention_heads=4, vocab_size=300)
+    index = {"config": {"model": dataclasses.asdict(ModelConfig(**shape, **theirs))}}
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        check_model_shape(index, RunConfig(model=ModelConfig(**shape, **mine)), tmp_path / "index.json")
+    check_model_shape(index, RunConfig(model=ModelConfig(**shape, **theirs)), tmp_path / "index.json")  # same: fine
