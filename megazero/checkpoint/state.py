@@ -338,13 +338,15 @@ def load_checkpoint(subject: CheckpointSubject, folder: Path, *, load_optim: boo
     if rng is not None:
         subject.state.rng.load_state_dict(rng)
     saved = index["layout"]
+    optim_note = ("reset" if not with_optim else "restored" if opt_states is not None
+                  else "fresh (the checkpoint's optimizer never stepped: none saved)")
     rng_note = ("restored" if rng is not None else "not restored (--no-load-rng / --finetune)" if not with_rng
                 else "not restored: tp/pp/vp changed (or the checkpoint was resharded offline), streams keep this "
                      "run's seeds")
     seconds = time.perf_counter() - t0
     log(f"loaded checkpoint {folder} (iteration {state['iteration']}, saved from tp{saved['tp']} pp{saved['pp']} "
         f"vp{saved['vp']} dp{saved['dp']} zero{saved['zero_stage']}) in {seconds:.2f} s; optimizer state "
-        f"{'restored' if with_optim else 'reset'}; RNG {rng_note}"
+        f"{optim_note}; RNG {rng_note}"
         f"{'; --finetune: iteration and data position start at 0' if finetune else ''}")
     return {"seconds": seconds, "iteration": state["iteration"]}
 
