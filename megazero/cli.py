@@ -187,6 +187,9 @@ def parse_args(argv: list[str] | None = None, rank: int = 0) -> RunConfig:
     for dest, value in ns.items():
         section, name = dest.split(".", 1)
         sections[section][name] = value
+    if sections["model"].get("attention_backend") in ("flash", "local"):  # Megatron's names for ours
+        sections["model"]["attention_backend"] = {"flash": "sdpa", "local": "unfused"}[
+            sections["model"]["attention_backend"]]
     if "rope_scaling_factor" in sections["model"]:  # a factor asks for the scaling (Megatron also wants the switch)
         sections["model"]["use_rope_scaling"] = True
     if "optimizer_type" in sections["optimizer"]:  # Megatron's --optimizer adam is AdamW

@@ -159,8 +159,10 @@ FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
              help="a QKV bias even with --disable-bias-linear (Qwen2)"),
         flag("--qk-layernorm", dest="model.qk_layernorm", action="store_true",
              help="normalise queries and keys per head"),
-        flag("--attention-backend", dest="model.attention_backend", choices=["auto", "sdpa", "fused", "unfused"],
-             help="auto (default): sdpa; fused: megatron_kernels' softmax (CUDA); unfused: the plain reference"),
+        flag("--attention-backend", dest="model.attention_backend",
+             choices=["auto", "sdpa", "fused", "unfused", "flash", "local"],
+             help="auto (default): sdpa; fused: megatron_kernels' softmax (CUDA); unfused: the plain reference "
+                  "(Megatron's flash and local mean sdpa and unfused)"),
     ]),
     ('training', [
         flag("--micro-batch-size", dest="training.micro_batch_size", type=int, help="default 8"),

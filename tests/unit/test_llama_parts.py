@@ -168,3 +168,11 @@ def test_loading_a_checkpoint_of_other_block_parts_is_refused(tmp_path, theirs, 
     with pytest.raises(CheckpointError, match=re.escape(message)):
         check_model_shape(index, RunConfig(model=ModelConfig(**shape, **mine)), tmp_path / "index.json")
     check_model_shape(index, RunConfig(model=ModelConfig(**shape, **theirs)), tmp_path / "index.json")  # same: fine
+
+
+def test_megatron_attention_backend_names_map_onto_ours():
+    from megazero.cli import parse_args
+
+    assert [parse_args(["--attention-backend", name]).model.attention_backend
+            for name in ("flash", "local", "fused", "unfused", "sdpa", "auto")] == \
+        ["sdpa", "unfused", "fused", "unfused", "sdpa", "auto"]
