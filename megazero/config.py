@@ -112,7 +112,8 @@ class ModelConfig:
     init_method_std: float = num(0.02, gt=0.0)
     layernorm_epsilon: float = num(1e-5, gt=0.0, flag="--norm-epsilon")  # LayerNorm and RMSNorm alike
     fused_kernels: bool = True  # fused CUDA norms where built and applicable (--no-fused-kernels: reference)
-    # The block's parts (Megatron's flags; the defaults are GPT-2's; docs/models.md). Llama: RMSNorm,
+    # The block's parts (Megatron's flags; the defaults are GPT-2's; docs/models.md; their checks and
+    # description: megazero/model/parts.py). Llama: RMSNorm,
     # rope, swiglu, query groups, untied output layer, no linear biases.
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | none
@@ -158,50 +159,6 @@ class ModelConfig:
     @property
     def qkv_bias(self) -> bool:
         return self.add_bias_linear or self.add_qkv_bias
-
-    def describe_parts(self) -> str:
-        """The block's parts in a few words, for the run log ("GPT-2 parts" when all are GPT-2's)."""
-        parts = [self.normalization, {"learned_absolute": "learned positions", "rope": "rope", "none": "no positions"}[
-            self.position_embedding_type], "SwiGLU" if self.swiglu else "GELU"]
-        if self.query_groups != self.num_attention_heads:
-            parts.append(f"{self.query_groups} query groups")
-        if self.position_embedding_type == "rope" and self.use_rope_scaling:
-            parts.append(f"llama3 rope scaling x{self.rope_scaling_factor:g}")
-        if not self.add_bias_linear:
-            parts.append("QKV bias only" if self.add_qkv_bias else "no linear biases")
-        if self.qk_layernorm:
-            parts.append("q/k norms")
-        parts.append("untied output" if self.untie_embeddings_and_output_weights else "tied output")
-        return ", ".join(parts)
-
-    def check_parts(self) -> None:
-        """The block parts' names and the head arithmetic they need (ConfigError, one line)."""
-        for name, value, allowed in (("--normalization", self.normalization, ("LayerNorm", "RMSNorm")),
-                                     ("--position-embedding-type", self.position_embedding_type,
-                                      ("learned_absolute", "rope", "none")),
-                                     ("--attention-backend", self.attention_backend,
-                                      ("auto", "sdpa", "fused", "unfused"))):
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.num_attention_heads % self.query_groups:
-            raise ConfigError(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
-                              f"--num-query-groups {self.query_groups}; each key/value head serves the same "
-                              f"number of query heads")
-        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
-                              f"{self.num_attention_heads}; change one, or give --kv-channels (the head dim)")
-        if self.position_embedding_type == "rope":
-            rotated = int(self.head_dim * self.rotary_percent)
-            if rotated < 2 or rotated % 2:
-                raise ConfigError(f"--rotary-percent {self.rotary_percent:g} of head dim {self.head_dim} rotates "
-                                  f"{rotated} dims; rope needs an even number >= 2")
-        elif self.use_rope_scaling:
-            raise ConfigError("--use-rope-scaling applies to --position-embedding-type rope; add it or drop "
-                              "the scaling")
-        if self.num_query_groups != 1 and not self.group_query_attention:
-            raise ConfigError(f"--num-query-groups {self.num_query_groups} is used only with "
-                              f"--group-query-attention (Megatron ignores it otherwise); add "
-                              f"--group-query-attention or drop --num-query-groups")
 
     def padded_vocab_size(self, tp: int) -> int:
         """Round the vocab up to a multiple of make_vocab_size_divisible_by x tp (Megatron's rule)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from megazero.config import RunConfig, check_folder
 from megazero.data.gpt_dataset import parse_split
 from megazero.errors import ConfigError
+from megazero.model.parts import check_parts
 from megazero.pipeline_parallel.partition import layers_of_config
 from megazero.pipeline_parallel.schedules import validate_schedule
 from megazero.topology import GridShape
@@ -25,7 +26,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     cfg.check_fields()  # every number in its declared range, every float finite
     GridShape(world_size=world_size, tp=tp, pp=pp)  # world divisible by tp x pp
     cfg.check_precision_and_zero()
-    m.check_parts()  # norm / position / attention names, query groups, head dim
+    check_parts(m)  # norm / position / attention names, query groups, head dim
     if m.num_attention_heads % tp:
         raise ConfigError(
             f"--num-attention-heads {m.num_attention_heads} is not divisible by tensor-parallel size {tp}; "
@@ -36,7 +37,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"--num-query-groups {groups} and tensor-parallel size {tp}: one must divide the other "
                           f"(each rank holds whole key/value groups, or a group is shared by tp / groups ranks)")
     if m.ffn_size % tp:
-        raise ConfigError(f"--ffn-hidden-size {m.ffn_size} is not divisible by tensor-parallel size {tp}")
+        default = "" if m.ffn_hidden_size else (
+            f" (the {'--swiglu default, 2/3 of 4 x hidden in multiples of 64' if m.swiglu else 'default, 4 x hidden'}"
+            f"); give an --ffn-hidden-size divisible by {tp}")
+        raise ConfigError(f"--ffn-hidden-size {m.ffn_size} is not divisible by tensor-parallel size {tp}{default}")
     if m.seq_length > m.max_positions:
         raise ConfigError(
             f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_positions}; "

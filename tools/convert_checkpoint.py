@@ -43,6 +43,7 @@ from megazero.checkpoint.offline import plan_layout, validate_layout, write_layo
 from megazero.checkpoint.state import layout_dict
 from megazero.cli import OneLineParser, run_tool
 from megazero.config import RunConfig
+from megazero.model.parts import describe_parts
 from megazero.data.tokenizer_types import tokenizer_in_folder, tokenizer_record, write_tokenizer_files
 from megazero.errors import ConfigError
 
@@ -258,7 +259,7 @@ def from_hf(args: argparse.Namespace) -> None:
         path, layout = hf.write_import(out, cfg, args.target_dp, state, source=src,
                                        source_format=f"huggingface-{config['model_type']}", extra_files=extra,
                                        index_extra=index_extra, make_bar=lambda total: _bar(total, "importing"))
-    print(f"wrote {path} (iteration 0) from {src} ({config['model_type']}: {mcfg.describe_parts()}): "
+    print(f"wrote {path} (iteration 0) from {src} ({config['model_type']}: {describe_parts(mcfg)}): "
           f"{mcfg.num_layers} layers, hidden {mcfg.hidden_size}, {mcfg.num_attention_heads} heads, vocab "
           f"{mcfg.vocab_size}, positions {mcfg.max_positions}; "
           f"tp{layout['tp']} pp{layout['pp']} vp{layout['vp']} dp{layout['dp']} zero{layout['zero_stage']}, "

@@ -35,6 +35,7 @@ from megazero.checkpoint.state import layout_dict
 from megazero.config import ModelConfig, RunConfig, show_value
 from megazero.errors import ConfigError
 from megazero.model import hf_gpt2, hf_llama
+from megazero.model.parts import check_parts
 
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded safetensors: weight name -> file
@@ -240,7 +241,7 @@ def model_config_from_hf(config: dict, where: Path, *, seq_length: int | None,
                                                              fields["max_position_embeddings"]),
                       make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     try:
-        cfg.check_parts()
+        check_parts(cfg)
     except ConfigError as err:
         refuse(str(err))
     if cfg.seq_length > cfg.max_positions:

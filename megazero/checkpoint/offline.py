@@ -21,6 +21,7 @@ from megazero.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, PARAM_KINDS
 from megazero.checkpoint.api import build_gpt, single_process_group
 from megazero.checkpoint.state import _logical_shape, _region, writes_fragment
 from megazero.config import RunConfig
+from megazero.model.parts import check_parts
 from megazero.pipeline_parallel.partition import layers_of_config
 from megazero.tensor_parallel.sharding import get_shard_spec, set_shard_spec
 
@@ -48,7 +49,7 @@ def validate_layout(cfg: RunConfig, dp: int) -> None:
         if value < 1:
             raise ConfigError(f"--target-{name} must be >= 1, got {value}")
     GridShape(tp * pp * dp, tp=tp, pp=pp)
-    m.check_parts()  # head dim, query groups, rope dims (as validation.validate)
+    check_parts(m)  # head dim, query groups, rope dims (as validation.validate)
     if m.num_attention_heads % tp:
         raise ConfigError(f"--target-tp {tp}: the model's {m.num_attention_heads} attention heads are not divisible "
                           f"by {tp}; choose a tp that divides {m.num_attention_heads}")

@@ -64,11 +64,16 @@ class _SumOverReplicas(torch.autograd.Function):
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str, dropout_p: float,
                    use_fused: bool = True) -> torch.Tensor:
     """Causal attention. q [b, nq, s, d]; k, v [b, nkv, s, d] with nq a multiple of nkv (query head j
-    uses key/value head j // (nq / nkv)). Returns [b, nq, s, d]."""
-    if k.shape[1] != q.shape[1]:
+    uses key/value head j // (nq / nkv): sdpa's enable_gqa on CUDA, else k / v repeated). Returns
+    [b, nq, s, d]."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    grouped = k.shape[1] != q.shape[1]
+    if backend in ("auto", "sdpa") and q.is_cuda:  # CUDA kernels take grouped heads: no repeated k / v
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale,
+                                              enable_gqa=grouped)
+    if grouped:  # (CPU sdpa would expand them internally anyway)
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    scale = 1.0 / math.sqrt(q.shape[-1])
     if backend in ("auto", "sdpa"):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     scores = torch.matmul(q, k.transpose(-2, -1))  # [b, nq, s, s]

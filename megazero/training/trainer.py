@@ -22,6 +22,7 @@ import torch
 
 from megazero import comm
 from megazero.config import RunConfig
+from megazero.model.parts import describe_parts
 from megazero.data import build_data_iterator
 from megazero.monitor import TrainingMonitor
 from megazero.optim import LRSchedule
@@ -124,7 +125,7 @@ class Trainer:
 
         self.log(f"model: {self.num_parameters:,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
                  f"{m.num_attention_heads} heads, seq {m.seq_length}, vocab {m.vocab_size} padded to "
-                 f"{m.padded_vocab_size(topo.tp)}; {m.describe_parts()}); {topo.tp}-way tensor x {topo.pp}-way pipeline"
+                 f"{m.padded_vocab_size(topo.tp)}; {describe_parts(m)}); {topo.tp}-way tensor x {topo.pp}-way pipeline"
                  f"{f' (interleaved, {self.vp} chunks per stage)' if self.vp > 1 else ''} x {topo.dp}-way data parallel; "
                  f"global batch {self.global_batch} = micro {cfg.micro_batch_size(topo.world_size)} x {self.num_microbatches} "
                  f"accumulation x {topo.dp} dp; ZeRO stage {cfg.zero.stage}, {pr.params_dtype}; "

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from megazero.checkpoint import format as fmt  # noqa: E402
 from megazero.checkpoint.api import load_model  # noqa: E402
 from megazero.config import ModelConfig  # noqa: E402
+from megazero.model.parts import check_parts  # noqa: E402
 from megazero.model.hf_llama import (  # noqa: E402
     from_hf_llama_state_dict,
     hf_llama_config,
@@ -108,7 +109,7 @@ def test_mapping_round_trips_exactly():
     for name in MODELS:
         hf = _hf_model(name)
         cfg = ModelConfig(seq_length=POSITIONS, **model_config_from_hf_llama(hf.config.to_dict()))
-        cfg.check_parts()
+        check_parts(cfg)
         state = hf.state_dict()
         mz = from_hf_llama_state_dict(state, cfg)
         assert mz["word_embeddings.weight"].shape[0] == cfg.padded_vocab_size(1)

@@ -17,6 +17,7 @@ from megazero import ops
 from megazero.config import ModelConfig
 from megazero.errors import ConfigError
 from megazero.model.attention import core_attention
+from megazero.model.parts import check_parts
 from megazero.model.rope import RotaryEmbedding, apply_rotary, rope_inverse_frequencies
 
 GEN = torch.Generator().manual_seed(0)
@@ -136,7 +137,7 @@ def test_swiglu_interleaved_rows_and_rmsnorm_match_references():
 ])
 def test_part_checks_are_one_line(fields, message):
     with pytest.raises(ConfigError, match=message):
-        ModelConfig(hidden_size=256, num_attention_heads=4, **fields).check_parts()
+        check_parts(ModelConfig(hidden_size=256, num_attention_heads=4, **fields))
 
 
 @pytest.mark.parametrize("theirs,mine,message", [
