@@ -195,12 +195,12 @@ class _LegacyLayerNorm(nn.Module):
 
 def _gpt_loss_and_grads(tp_group, monkeypatch, legacy: bool):
     from megazero.config import ModelConfig
-    from megazero.model import gpt
+    from megazero.model import attention, gpt
     from megazero.random import RNGStreams
     from megazero.tensor_parallel.init import initialize_parameters
 
-    if legacy:
-        monkeypatch.setattr(gpt, "LayerNorm", _LegacyLayerNorm)
+    if legacy:  # the block's norms are made by attention.make_norm
+        monkeypatch.setattr(attention, "LayerNorm", _LegacyLayerNorm)
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=200,
                       hidden_dropout=0.1, attention_dropout=0.1)
     with torch.random.fork_rng():
