@@ -9,9 +9,10 @@ reference (the plain fp32 softmax of q k^T / sqrt(d) with the causal mask, megaz
               which path it took and why), then probs @ v
     unfused   q k^T, ops.reference.scaled_causal_softmax, probs @ v
 
-For GQA shapes core_attention repeats k and v to the query heads (repeat_interleave) before any
-backend. One more row, `sdpa enable_gqa`, is not a megazero backend: it is SDPA told about the groups
-(enable_gqa=True, no repeat; what Hugging Face's Llama uses when there is no mask), to show what the
+For GQA shapes core_attention repeats k and v to the query heads (repeat_interleave) before fused and
+unfused, and before sdpa on CPU; sdpa on CUDA takes the groups as they are (enable_gqa). One more row,
+`sdpa enable_gqa`, calls SDPA with the groups directly (no repeat): what core_attention's sdpa does on
+CUDA and what Hugging Face's Llama does on any device when there is no mask. On CPU it shows what the
 repeat costs or saves.
 
 Timing: every method runs once per round, in turn (the order rotating from round to round), over --reps
