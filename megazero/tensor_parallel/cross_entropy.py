@@ -15,6 +15,7 @@ Communication: three all-reduces of [..] (per-token scalars) instead of gatherin
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from megazero import comm
 
@@ -49,9 +50,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         softmax, local_target, outside = ctx.saved_tensors
-        grad = softmax.clone()
+        # In place into the saved softmax (Megatron does the same): no [..., V_local] clone. Backward runs
+        # once per graph (a second backward through it is an error: once_differentiable, retain_graph off).
+        grad = softmax
         # subtract the one-hot of the target on the rank that owns it
         grad.scatter_add_(-1, local_target.unsqueeze(-1), (outside.float() - 1.0).unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))

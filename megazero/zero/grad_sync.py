@@ -132,7 +132,8 @@ class GradSync:
             work.wait()
         lo, hi = b.shard(self.dp_rank, self.dp)
         if self.stage.owns_whole_buffer:
-            self.buffer[b.start:b.end].div_(self.dp)
+            if self.dp > 1:  # (dividing by 1 would still pass over every gradient element)
+                self.buffer[b.start:b.end].div_(self.dp)
         elif self.full:
             self.buffer[lo:hi].copy_(out).div_(self.dp)
         else:

@@ -276,8 +276,10 @@ def test_dropout_streams_replicated_vs_sharded(tp_results, tp):
 def test_component_matches_unsharded(tp_results, tp, component):
     # Single components: rtol 1e-5 element-wise. The whole 2-block GPT composes several reordered fp32
     # reductions (TP partial sums at every row-parallel layer), so its element-wise errors compound
-    # (observed up to 1.4e-5): 5e-5 there.
-    rtol = 5 * RTOL if component in GPT_VARIANTS else RTOL
+    # (observed up to 1.4e-5): 5e-5 there. The Llama variants add RMSNorm weight gradients, sums over
+    # every token of products that cancel (observed up to 5.5e-5, in llama gqa's first input norm at tp
+    # 2): 1e-4 for them. A wrong gradient (a missing replica sum, an unsummed q/k norm) is off by ~1.
+    rtol = RTOL if component not in GPT_VARIANTS else 5 * RTOL if component == "gpt model" else 10 * RTOL
     for rank, per_rank in enumerate(tp_results):
         for what, err in per_rank[(tp, component)].items():
             assert err <= rtol, f"rank {rank} tp={tp} {component}: {what} rel err {err:.2e}"
