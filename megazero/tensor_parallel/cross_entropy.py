@@ -53,8 +53,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         softmax, local_target, outside = ctx.saved_tensors
-        # In place into the saved softmax (Megatron does the same): no [..., V_local] clone. Backward runs
-        # once per graph (a second backward through it is an error: once_differentiable, retain_graph off).
+        # In place into the saved softmax (Megatron does the same): no [..., V_local] clone. So backward
+        # runs once per graph: megazero never retains it (a second backward with retain_graph=True would
+        # see the overwritten softmax); double backward is refused (once_differentiable).
         grad = softmax
         # subtract the one-hot of the target on the rank that owns it
         grad.scatter_add_(-1, local_target.unsqueeze(-1), (outside.float() - 1.0).unsqueeze(-1))
