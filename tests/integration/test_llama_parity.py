@@ -2,7 +2,7 @@
 biases; untied and tied output layer): the parity model of test_layout_parity.py with those parts gives
 the single process's per-step loss and grad norm (fp32, rtol 1e-5, no dropout) at tp 2 and 4 (tp 4
 exceeds the 2 key/value groups: each group is shared by 2 ranks), pp 2 with vp 2, dp 2 with ZeRO 1 and
-3, and tp x pp x dp mixes.
+3, and tp x pp x dp mixes (tp 4 with ZeRO-3 and with pp 2 on 8 ranks).
 """
 
 import pytest
@@ -16,6 +16,8 @@ LAUNCHES = {  # world size -> layouts (dp = world / (tp x pp)); micro 2 -> accum
         L(pp=2, vp=2, model="llama"), L(pp=2, vp=2, model="llama-tied"), L(tp=2, model="llama-tied")],
     4: [L(tp=4, model="llama"), L(tp=4, model="llama-tied"), L(tp=2, zero=3, model="llama"),
         L(tp=2, pp=2, vp=2, model="llama"), L(pp=2, zero=1, model="llama-tied")],
+    # tp 4 > 2 groups with ZeRO-3 over dp 2 (replica gradient sums, then sharded), and with pp 2
+    8: [L(tp=4, zero=3, model="llama"), L(tp=4, pp=2, model="llama-tied")],
 }
 
 
