@@ -273,18 +273,16 @@ _PART_FLAGS = {"query_groups": "--group-query-attention --num-query-groups", "he
 
 
 def _setting(field: str, value) -> str:
-    """How to give `field` = value on the command line (the flags table's spelling)."""
-    from megazero.flags import FLAG_GROUPS
+    """How to give `field` = value on the command line (flags.spelled); Megatron's part switches only
+    turn a part on, so a False the run lacks means dropping the switch."""
+    from megazero.flags import spelled
 
     if field in _PART_FLAGS:
         return f"{_PART_FLAGS[field]} {value}" if not isinstance(value, bool) else _PART_FLAGS[field]
-    for _, flags in FLAG_GROUPS:
-        for f in flags:
-            if f.dest == f"model.{field}":
-                if f.is_switch:
-                    return f"{'add' if value == f.const else 'drop'} {f.names[0]}"
-                return f"{f.names[0]} {value}"
-    return f"{field} {value}"
+    if isinstance(value, bool):
+        switch = spelled("model", field, value)
+        return f"add {switch}" if " " not in switch else f"drop {spelled('model', field, not value)}"
+    return spelled("model", field, value)
 
 
 def check_model_shape(index: dict, cfg, where: Path) -> None:

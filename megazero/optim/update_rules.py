@@ -27,6 +27,7 @@ import torch
 from torch.optim.adam import adam as torch_adam  # the functional forms torch.optim's classes call
 from torch.optim.sgd import sgd as torch_sgd
 
+from megatron_kernels.cpu_adam import cpu_adam_step  # compiled on first call (or the reference)
 from megazero.config import OptimizerConfig
 
 
@@ -109,8 +110,6 @@ class CpuAdam(TorchAdam):
                            grad_scale=1.0)
 
     def host_step(self, param, grad, state, *, lr, step, weight_decay, grad_scale, low_precision_out=None) -> None:
-        from megatron_kernels.cpu_adam import cpu_adam_step  # compiled on first use (or the reference)
-
         cpu_adam_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step=step, lr=lr, beta1=self.betas[0],
                       beta2=self.betas[1], eps=self.eps, weight_decay=weight_decay, grad_scale=grad_scale,
                       adamw=self.decoupled, low_precision_out=low_precision_out)

@@ -58,7 +58,6 @@ class ZeroOptimizer:
         self.grads, self.storage, self.stage = grads, storage, stage
         self.dp_group, self.model_group = dp_group, model_group
         self.rule = build_update_rule(cfg, offload=offload is not None)
-        self.weight_decay = cfg.weight_decay
         self.fragments = layout.fragments_of_rank(dp_rank, whole=stage.owns_whole_buffer)
         self.device = grads.device
         self.values = [storage.owned_values(f) for f in self.fragments]
@@ -86,6 +85,15 @@ class ZeroOptimizer:
         self.state = [self.rule.init_state(m.numel(), m.device) for m in self.masters]
         # (master, value) pairs that are separate tensors: the model dtype is not fp32
         self._copy_back = [(m, v) for m, v in zip(self.masters, self.values) if m.data_ptr() != v.data_ptr()]
+        # torch.optim's param groups, decayed first: (weight decay, owned fragment indices, masters, the
+        # rule's state lists). Fixed here: import_state copies into these tensors in place. A rank whose
+        # shards hold only padding has no group (tiny models, large dp).
+        self._groups = []
+        for decay in (True, False):
+            owned = [i for i, d in enumerate(self.decays) if d == decay]
+            if owned:
+                self._groups.append((cfg.weight_decay if decay else 0.0, owned, [self.masters[i] for i in owned],
+                                     {n: [self.state[i][n] for i in owned] for n in self.rule.state_names}))
 
     def _bucket_reduced(self, bucket: int) -> None:
         frags = self._fragments_of_bucket.get(bucket, [])
@@ -131,12 +139,9 @@ class ZeroOptimizer:
         for g in grads:
             if coeff != 1.0:
                 g.mul_(coeff)
-        for decay in (True, False):  # torch.optim's order: the decayed param group first
-            owned = [i for i, d in enumerate(self.decays) if d == decay]
-            if owned:  # a rank whose shards hold only padding owns nothing to step (tiny models, large dp)
-                self.rule.step([self.masters[i] for i in owned], [grads[i].float() for i in owned],
-                               {n: [self.state[i][n] for i in owned] for n in self.rule.state_names},
-                               lr=lr, step=self.steps, weight_decay=self.weight_decay if decay else 0.0)
+        for weight_decay, owned, masters, state in self._groups:
+            self.rule.step(masters, [grads[i].float() for i in owned], state, lr=lr, step=self.steps,
+                           weight_decay=weight_decay)
         for master, value in self._copy_back:
             value.copy_(master)
         return StepResult(norm, skipped=False)

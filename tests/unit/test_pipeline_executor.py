@@ -40,12 +40,12 @@ def loss_fn(chunk, x, batch):
     return (chunk(x) - batch["labels"]).pow(2).mean()
 
 
-def reference(pp: int, vp: int, m: int):
+def reference(pp: int, vp: int, m: int, chunk=make_chunk, batches=microbatches, key: str = "tokens"):
     """All pp*vp chunks in sequence in one process: losses and per-virtual-stage grads."""
-    chunks = [make_chunk(v) for v in range(pp * vp)]
+    chunks = [chunk(v) for v in range(pp * vp)]
     losses = []
-    for batch in microbatches(m):
-        x = batch["tokens"]
+    for batch in batches(m):
+        x = batch[key]
         for c in chunks[:-1]:
             x = c(x)
         loss = loss_fn(chunks[-1], x, batch)
@@ -76,16 +76,7 @@ def declared_microbatches(m: int) -> list[dict]:
 
 
 def declared_reference(pp: int, vp: int, m: int):
-    chunks = [DeclaringChunk(v) for v in range(pp * vp)]
-    losses = []
-    for batch in declared_microbatches(m):
-        x = batch["inputs"]
-        for c in chunks[:-1]:
-            x = c(x)
-        loss = loss_fn(chunks[-1], x, batch)
-        (loss / m).backward()
-        losses.append(loss.item())
-    return losses, {v: [p.grad.clone() for p in c.parameters()] for v, c in enumerate(chunks)}
+    return reference(pp, vp, m, DeclaringChunk, declared_microbatches, key="inputs")
 
 
 def _run_declared(rank, world_size, pp, vp, m):
