@@ -182,6 +182,89 @@ class ParallelConfig:
     decoder_last_pipeline_num_layers: int | None = num(None, ge=0)
 
 
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Activation memory (docs/activation-memory.md; Megatron's flags, DeepSpeed's activation_checkpointing).
+
+    - sequence_parallel: the norm / dropout regions between tensor-parallel layers hold [b, s/tp, h]
+      (all-gather before each column-parallel layer, reduce-scatter after each row-parallel one).
+    - recompute_granularity: None (store everything autograd saves), "selective" (recompute the core
+      attention and the MLP activation function in backward), "full" (store only the input of each
+      checkpointed span of layers and recompute the span in backward).
+    - recompute_method (full only): "uniform" checkpoints every span of recompute_num_layers layers of
+      each model chunk; "block" checkpoints the first recompute_num_layers layers of each chunk one by
+      one and stores the rest in full. recompute_num_layers defaults to 1.
+    - distribute_saved_activations (DeepSpeed partition_activations): each checkpointed input is kept
+      as 1/tp slices across the tensor-parallel ranks and all-gathered for the recomputation.
+    - cpu_offload_activations (DeepSpeed cpu_checkpointing): checkpointed inputs live in host memory,
+      copied back ahead of their recomputation.
+    - synchronize_checkpoint_boundary (DeepSpeed): CUDA synchronize at each checkpoint's forward and
+      recomputation (a profiling aid; nothing to do on CPU).
+    """
+
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = None  # None | full | selective
+    recompute_method: str | None = None  # full: uniform (default) | block
+    recompute_num_layers: int | None = num(None, ge=1)  # full: default 1
+    distribute_saved_activations: bool = False
+    cpu_offload_activations: bool = False
+    synchronize_checkpoint_boundary: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.recompute_granularity == "full"
+
+    @property
+    def selective(self) -> bool:
+        return self.recompute_granularity == "selective"
+
+    @property
+    def method(self) -> str | None:
+        """The full-recomputation method in force (uniform unless given); None without full."""
+        return (self.recompute_method or "uniform") if self.full else None
+
+    @property
+    def layers_per_checkpoint(self) -> int:
+        return self.recompute_num_layers or 1
+
+    def check(self, tp: int, seq_length: int) -> None:
+        """The activation settings alone and against tp / seq_length; ConfigError with the fix."""
+        g = self.recompute_granularity
+        if g is not None and g not in RECOMPUTE_GRANULARITIES:
+            raise ConfigError(f"--recompute-granularity must be full or selective, got {g!r}")
+        if self.recompute_method is not None and self.recompute_method not in RECOMPUTE_METHODS:
+            raise ConfigError(f"--recompute-method must be uniform or block, got {self.recompute_method!r}")
+        if not self.full:
+            given = [f for f, on in (("--recompute-method", self.recompute_method is not None),
+                                     ("--recompute-num-layers", self.recompute_num_layers is not None),
+                                     ("--distribute-saved-activations (partition_activations)",
+                                      self.distribute_saved_activations),
+                                     ("--cpu-offload-activations (cpu_checkpointing)", self.cpu_offload_activations))
+                     if on]
+            if given:
+                now = f"--recompute-granularity {g}" if g else "no recomputation"
+                raise ConfigError(f"{given[0]} applies to full recomputation (the checkpointed layer inputs), and "
+                                  f"this run has {now}; add --recompute-granularity full or drop it")
+        if self.sequence_parallel:
+            if tp == 1:
+                raise ConfigError("--sequence-parallel shards activations across tensor-parallel ranks and --tp is 1; "
+                                  "add --tp 2 or more, or drop --sequence-parallel")
+            if seq_length % tp:
+                raise ConfigError(f"--sequence-parallel splits the sequence across the {tp} tensor-parallel ranks: "
+                                  f"--seq-length {seq_length} must be a multiple of {tp}")
+            if self.distribute_saved_activations:
+                raise ConfigError("--distribute-saved-activations (partition_activations) with --sequence-parallel: "
+                                  "the checkpointed inputs are already split across the tensor-parallel ranks; "
+                                  "drop one of them")
+        elif self.distribute_saved_activations and tp == 1:
+            raise ConfigError("--distribute-saved-activations (partition_activations) splits checkpointed inputs "
+                              "across tensor-parallel ranks and --tp is 1; add --tp 2 or more, or drop it")
+
+
 @dataclass(frozen=True)
 class PrecisionConfig:
     """Model (parameter and activation) dtype; master weights, gradient accumulation and optimizer
@@ -315,6 +398,7 @@ class CheckpointConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -49,6 +49,26 @@ FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
         flag("--decoder-last-pipeline-num-layers", dest="parallel.decoder_last_pipeline_num_layers",
              type=int, help="layers on the last (virtual) pipeline stage (default: even split)"),
     ]),
+    ('activation memory (docs/activation-memory.md)', [
+        flag("--sequence-parallel", dest="activation.sequence_parallel", action="store_true",
+             help="shard the norm and dropout activations along the sequence across tensor-parallel ranks (tp > 1)"),
+        flag("--recompute-granularity", dest="activation.recompute_granularity", choices=["full", "selective"],
+             help="recompute in backward: selective (core attention, MLP activation) or full (layers from their input)"),
+        flag("--recompute-activations", dest="activation.recompute_granularity", action="store_const",
+             const="selective", help="same as --recompute-granularity selective"),
+        flag("--checkpoint-activations", dest="activation.recompute_granularity", action="store_const",
+             const="full", help="older Megatron spelling of --recompute-granularity full (method uniform, 1 layer)"),
+        flag("--recompute-method", dest="activation.recompute_method", choices=["uniform", "block"],
+             help="full: uniform (checkpoint every --recompute-num-layers layers; default) or block (only the first "
+                  "--recompute-num-layers layers of each pipeline chunk)"),
+        flag("--recompute-num-layers", dest="activation.recompute_num_layers", type=int,
+             help="full: layers per checkpoint (uniform) or layers recomputed per chunk (block); default 1"),
+        flag("--distribute-saved-activations", dest="activation.distribute_saved_activations", action="store_true",
+             help="full: keep each checkpointed layer input split across tensor-parallel ranks (DeepSpeed "
+                  "partition_activations)"),
+        flag("--cpu-offload-activations", dest="activation.cpu_offload_activations", action="store_true",
+             help="full: keep checkpointed layer inputs in host memory (DeepSpeed cpu_checkpointing)"),
+    ]),
     ('ZeRO and mixed precision', [
         flag("--zero-stage", dest="zero.stage", type=int, choices=[0, 1, 2, 3],
              help="0: all-reduce grads; 1: shard optimizer state; 2: + gradients; 3: + parameters (default 0)"),

@@ -46,6 +46,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_positions}; "
             f"raise --max-position-embeddings or lower --seq-length"
         )
+    cfg.activation.check(tp, m.seq_length)
     cfg.batch_sizes(world_size)
     _check_pipeline(cfg, world_size)
     if o.lr_decay_style not in ("cosine", "linear", "constant"):

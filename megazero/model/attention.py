@@ -20,6 +20,7 @@ CUDA it is the fastest of the three for causal attention (bench/attention_backen
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megazero import comm, ops
-from megazero.config import ModelConfig
+from megazero.activation import recompute
+from megazero.config import ActivationConfig, ModelConfig
 from megazero.model.norms import LayerNorm, RMSNorm
 from megazero.model.rope import RotaryEmbedding
 from megazero.random import RNGStreams
@@ -87,8 +89,10 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, output_init: InitFn, dtype, device):
+    def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, output_init: InitFn, dtype, device,
+                 activation: ActivationConfig = ActivationConfig()):
         super().__init__()
+        self.recompute_core = activation.selective  # where it pays: recompute.core_attention_pays
         tp = self.tp_size = comm.group_size(tp_group)
         self.cfg, self.tp_group, self.rng = cfg, tp_group, rng
         self.head_dim = cfg.head_dim
@@ -151,8 +155,15 @@ class SelfAttention(nn.Module):
         # Attention probabilities are sharded by head across TP ranks: draw their dropout from the
         # per-TP-rank stream so ranks do not drop the same positions of different heads. Without dropout
         # nothing is drawn, so the stream swap (3 RNG-state copies per layer) is skipped.
+        core = functools.partial(core_attention, backend=self.cfg.attention_backend, dropout_p=dropout_p,
+                                 use_fused=self.cfg.fused_kernels)
         with self.rng.fork("tensor-parallel") if dropout_p > 0 else contextlib.nullcontext():
-            context = core_attention(q, k, v, backend=self.cfg.attention_backend, dropout_p=dropout_p,
-                                     use_fused=self.cfg.fused_kernels)
+            if self.recompute_core and recompute.core_attention_pays(self.cfg.attention_backend, q.device.type,
+                                                                     dropout_p):
+                # selective recomputation: q, k, v kept, [b, heads, s, s] re-made in backward (the same
+                # dropout mask: the checkpoint replays the stream drawn here)
+                context = recompute.checkpoint(core, q, k, v, rng=self.rng)
+            else:
+                context = core(q, k, v)
         context = context.transpose(1, 2).reshape(b, s, self.local_heads * hd)  # [b, s, heads here * hd]
         return self.dense(context)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megazero import comm
-from megazero.config import ModelConfig
+from megazero.activation import recompute
+from megazero.config import ActivationConfig, ModelConfig
 from megazero.model.attention import SelfAttention, make_norm
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.collectives import copy_to_tp_region
@@ -48,9 +49,13 @@ class MLP(nn.Module):
     [ffn, (gate, up)], so any contiguous TP split keeps each gate row with its up row and the layout is
     the same for every tp (checkpoints reshard freely; HF's gate_proj / up_proj are rows 0::2 / 1::2)."""
 
-    def __init__(self, cfg: ModelConfig, tp_group, output_init, dtype, device):
+    def __init__(self, cfg: ModelConfig, tp_group, output_init, dtype, device,
+                 activation: ActivationConfig = ActivationConfig()):
         super().__init__()
         self.swiglu = cfg.swiglu
+        # selective recomputation: the activation function is re-run in backward from its input, so its
+        # output (and SwiGLU's silu(gate)) is not kept
+        self.recompute_activation = activation.selective
         self.dense_h_to_4h = ColumnParallelLinear(
             cfg.hidden_size, cfg.ffn_size * (2 if cfg.swiglu else 1), tp_group=tp_group,
             init_method=normal_init(cfg.init_method_std), bias=cfg.add_bias_linear, dtype=dtype, device=device)
@@ -60,7 +65,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.swiglu:
-            return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))  # [b, s, ffn/tp] inside
+            return self.dense_4h_to_h(self._activation(_gelu, self.dense_h_to_4h(x)))  # [b, s, ffn/tp] inside
         # The stored rows pair (gate_i, up_i); regroup this rank's rows as [gate rows; up rows] (a copy of
         # the local weight) so silu and the product run on contiguous halves: on strided pairs their
         # forward and backward cost ~3x more (bench/llama_vs_hf.py --profile).
@@ -69,21 +74,35 @@ class MLP(nn.Module):
         weight = lin.weight.view(rows // 2, 2, h).transpose(0, 1).reshape(rows, h)
         bias = None if lin.bias is None else lin.bias.view(rows // 2, 2).t().reshape(rows)
         gate, up = F.linear(copy_to_tp_region(x, lin.tp_group), weight, bias).chunk(2, dim=-1)  # [b, s, ffn/tp] each
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(self._activation(_swiglu, gate, up))
+
+    def _activation(self, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.recompute_activation:
+            return recompute.checkpoint(fn, *inputs, rng=None)
+        return fn(*inputs)
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class TransformerBlock(nn.Module):
     """x + drop(attn(ln1(x))), then + drop(mlp(ln2(.))); dropout on replicated activations uses the
     ambient (TP-replicated) RNG stream."""
 
-    def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, dtype, device):
+    def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, dtype, device,
+                 activation: ActivationConfig = ActivationConfig()):
         super().__init__()
         # GPT-2 / Megatron: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
         output_init = normal_init(cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers))
         self.input_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device)
-        self.attention = SelfAttention(cfg, tp_group, rng, output_init, dtype, device)
+        self.attention = SelfAttention(cfg, tp_group, rng, output_init, dtype, device, activation)
         self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device)
-        self.mlp = MLP(cfg, tp_group, output_init, dtype, device)
+        self.mlp = MLP(cfg, tp_group, output_init, dtype, device, activation)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,10 +118,11 @@ class GPTModel(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, tp_group, rng: RNGStreams, layer_range: range | None = None,
-                 pre_process: bool = True, post_process: bool = True, dtype=torch.float32, device=None):
+                 pre_process: bool = True, post_process: bool = True, dtype=torch.float32, device=None,
+                 activation: ActivationConfig = ActivationConfig()):
         super().__init__()
         assert cfg.vocab_size is not None
-        self.cfg, self.tp_group = cfg, tp_group
+        self.cfg, self.tp_group, self.rng, self.activation = cfg, tp_group, rng, activation
         self.activation_dtype = dtype  # of the hidden states between blocks and pipeline stages
         self.pre_process, self.post_process = pre_process, post_process
         tp = comm.group_size(tp_group)
@@ -130,7 +150,12 @@ class GPTModel(nn.Module):
                 set_init(self.position_embeddings, normal_init(cfg.init_method_std))
             self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, tp_group, rng, dtype, device) for i in layer_range})
+            {str(i): TransformerBlock(cfg, tp_group, rng, dtype, device, activation) for i in layer_range})
+        # full recomputation: which consecutive layers run as one checkpointed span (recompute.py)
+        self.recompute_spans = recompute.recompute_spans(list(layer_range), activation)
+        self.input_storage = recompute.InputStorage(
+            partition_group=tp_group if activation.distribute_saved_activations else None,
+            offload=activation.cpu_offload_activations, synchronize=activation.synchronize_checkpoint_boundary)
         if post_process:
             self.final_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device)
             if not self.tied:
@@ -164,8 +189,12 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden
-        for block in self.layers.values():
-            x = block(x)
+        for layer_ids, checkpointed in self.recompute_spans:
+            blocks = [self.layers[str(i)] for i in layer_ids]
+            if checkpointed:
+                x = recompute.checkpoint(_run_blocks(blocks), x, rng=self.rng, storage=self.input_storage)
+            else:
+                x = _run_blocks(blocks)(x)
         if not self.post_process:
             return x  # hidden states [b, s, h] for the next pipeline stage
         x = self.final_layernorm(x)
@@ -177,3 +206,12 @@ class GPTModel(nn.Module):
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.tp_group, vocab_start, self.cfg.vocab_size)
+
+
+def _run_blocks(blocks: list[nn.Module]):
+    """The function of a span of blocks: x [b, s, h] -> x after each block in turn."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            x = block(x)
+        return x
+    return run

@@ -23,7 +23,8 @@ def build_model_chunks(cfg: RunConfig, topo: Topology, rng: RNGStreams, device: 
     for c, layers in enumerate(chunk_layer_ranges(topo.pp_rank, topo.pp, layers_of_config(cfg))):
         v = virtual_stage(topo.pp_rank, c, topo.pp)
         chunk = GPTModel(cfg.model, tp_group=topo.tp_group, rng=rng, layer_range=layers, pre_process=v == 0,
-                         post_process=v == last_virtual, dtype=dtype, device=device)
+                         post_process=v == last_virtual, dtype=dtype, device=device,
+                         activation=cfg.activation)
         initialize_parameters(chunk, cfg.training.seed)
         chunks.append(chunk)
     return chunks
