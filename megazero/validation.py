@@ -71,7 +71,12 @@ def _check_pipeline(cfg: RunConfig, world_size: int) -> None:
                               f"--num-layers-per-virtual-pipeline-stage {n}")
     if cfg.virtual_pipeline_size() < 1:
         raise ConfigError(f"virtual pipeline size must be >= 1, got {cfg.virtual_pipeline_size()}")
-    layers_of_config(cfg)  # layer partition errors
+    counts = layers_of_config(cfg)  # layers per virtual stage; layer partition errors
+    act = cfg.activation
+    if act.method == "block" and act.layers_per_checkpoint > max(counts):
+        raise ConfigError(f"--recompute-method block --recompute-num-layers {act.layers_per_checkpoint}: each "
+                          f"pipeline chunk holds at most {max(counts)} layers; use --recompute-num-layers <= "
+                          f"{max(counts)} (recompute every layer: --recompute-method uniform)")
     validate_schedule(pp, cfg.virtual_pipeline_size(), cfg.num_microbatches(world_size))
 
 def _check_data_and_outputs(cfg: RunConfig) -> None:

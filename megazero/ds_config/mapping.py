@@ -162,6 +162,34 @@ def _logging(ds: dict, m: Merge) -> None:
 
 
 
+def _activation_checkpointing(ds: dict, m: Merge) -> None:
+    """DeepSpeed configures how checkpointed layer inputs are kept; the model code decides what is
+    checkpointed. Here: partition_activations / cpu_checkpointing turn on full recomputation (uniform,
+    1 layer per checkpoint) unless the flags choose it, since they only apply to it."""
+    if "activation_checkpointing" not in ds:
+        return
+    a, f = ds["activation_checkpointing"], m.fname
+    where = "activation_checkpointing"
+    for key, target in (("partition_activations", "activation.distribute_saved_activations"),
+                        ("cpu_checkpointing", "activation.cpu_offload_activations"),
+                        ("synchronize_checkpoint_boundary", "activation.synchronize_checkpoint_boundary")):
+        v = a.get(key)
+        if given(v):
+            m.set(target, v, f"{where}.{key} {fmt(v)}")
+    if a.get("partition_activations") is True or a.get("cpu_checkpointing") is True:
+        m.default("activation.recompute_granularity", "full")
+    if "contiguous_memory_optimization" in a:
+        only(f, f"{where}.contiguous_memory_optimization", a["contiguous_memory_optimization"], (False,),
+             "each checkpointed input stays its own tensor in the caching allocator (DeepSpeed's contiguous "
+             "buffer, a fragmentation workaround, is not built)")
+    v = a.get("number_checkpoints")  # DeepSpeed sizes the contiguous buffer with it: nothing to size here
+    if given(v) and (v != int(v) or v < 1):
+        raise ConfigError(f"{f}: {where}.number_checkpoints must be a whole number >= 1 (or null), got {fmt(v)}")
+    if "profile" in a:
+        only(f, f"{where}.profile", a["profile"], (False,),
+             "per-checkpoint timing is not built; --wall-clock-breakdown times forward-backward as a whole")
+
+
 def _communication(ds: dict, m: Merge) -> None:
     f = m.fname
     if "prescale_gradients" in ds:
@@ -193,4 +221,5 @@ def apply_mappings(ds: dict, m: Merge) -> None:
     scheduler(ds, m)
     _zero(ds, m)
     _logging(ds, m)
+    _activation_checkpointing(ds, m)
     _communication(ds, m)

@@ -76,6 +76,10 @@ SCHEMA: dict[str, Any] = {
     # DeepSpeed's libaio tuning: accepted, no effect (megazero's NVMe offload does its own IO: zero/offload.py)
     "aio": {"block_size": INT, "queue_depth": INT, "thread_count": INT, "intra_op_parallelism": INT,
             "single_submit": BOOL, "overlap_events": BOOL, "use_gds": BOOL},
+    # DeepSpeed's activation checkpointing: how checkpointed layer inputs are kept (mapping.py)
+    "activation_checkpointing": {"partition_activations": BOOL, "cpu_checkpointing": BOOL,
+                                 "contiguous_memory_optimization": BOOL, "number_checkpoints": NUM_OR_NULL,
+                                 "synchronize_checkpoint_boundary": BOOL, "profile": BOOL},
     "tensorboard": _MONITOR, "csv_monitor": _MONITOR,
     "wandb": {"enabled": BOOL, "group": STR_OR_NULL, "team": STR_OR_NULL, "project": STR_OR_NULL},
     "comms_logger": {"enabled": BOOL, "verbose": BOOL, "prof_all": BOOL, "debug": BOOL,
@@ -85,7 +89,6 @@ SCHEMA: dict[str, Any] = {
 REFUSED = {
     "amp": "NVIDIA Apex AMP is not supported; use \"fp16\" or \"bf16\"",
     "torch_autocast": "megazero casts the whole model; use \"bf16\" or \"fp16\"",
-    "activation_checkpointing": "activation recomputation is not built in megazero yet",
     "pipeline": "megazero runs its own pipeline schedule; use --pipeline-model-parallel-size",
     "tensor_parallel": "use --tensor-model-parallel-size",
     "flops_profiler": "megazero reports throughput and MFU itself",

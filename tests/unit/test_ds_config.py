@@ -348,3 +348,45 @@ def test_every_accepted_key_is_documented():
 
     missing = sorted({p for p in paths(SCHEMA) if f"`{p}`" not in doc})
     assert not missing, f"docs/ds_config.md lacks {missing}"
+
+
+# ----- activation_checkpointing --------------------------------------------------------------------
+def test_activation_checkpointing_maps_to_full_recomputation_settings(tmp_path):
+    obj = {"activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True,
+                                        "contiguous_memory_optimization": False, "number_checkpoints": 4,
+                                        "synchronize_checkpoint_boundary": True, "profile": False}}
+    act = load(tmp_path, obj, {"parallel": {"tensor_model_parallel_size": 2}}).activation
+    assert (act.recompute_granularity, act.method, act.layers_per_checkpoint) == ("full", "uniform", 1)
+    assert act.distribute_saved_activations and act.cpu_offload_activations and act.synchronize_checkpoint_boundary
+    # the flags choose the granularity and method; the section only says how the inputs are kept
+    act = load(tmp_path, {"activation_checkpointing": {"cpu_checkpointing": True}},
+               {"activation": {"recompute_granularity": "full", "recompute_method": "block",
+                               "recompute_num_layers": 2}}).activation
+    assert (act.method, act.layers_per_checkpoint, act.cpu_offload_activations) == ("block", 2, True)
+    # all off: nothing is recomputed
+    act = load(tmp_path, {"activation_checkpointing": {"partition_activations": False}}).activation
+    assert act.recompute_granularity is None and not act.distribute_saved_activations
+
+
+@pytest.mark.parametrize("obj,expected", [
+    ({"contiguous_memory_optimization": True}, "contiguous_memory_optimization true is not supported: each"),
+    ({"profile": True}, "activation_checkpointing.profile true is not supported"),
+    ({"number_checkpoints": 0}, "number_checkpoints must be a whole number >= 1"),
+    ({"number_checkpoints": 2.5}, "number_checkpoints must be a whole number >= 1"),
+    ({"partition_activation": True}, 'did you mean "partition_activations"'),
+])
+def test_activation_checkpointing_refusals(tmp_path, obj, expected):
+    assert expected in error(tmp_path, {"activation_checkpointing": obj})
+
+
+def test_activation_checkpointing_against_the_flags(tmp_path):
+    # cpu_checkpointing applies to full recomputation; the flags asked for selective: one line
+    cfg = load(tmp_path, {"activation_checkpointing": {"cpu_checkpointing": True}},
+               {"activation": {"recompute_granularity": "selective"}})
+    with pytest.raises(ConfigError, match=r"^--cpu-offload-activations \(cpu_checkpointing\) applies to full "
+                                          r"recomputation .* this run has --recompute-granularity selective"):
+        validate(cfg, 1)
+    # partition_activations splits inputs across tp ranks: needs tp > 1
+    cfg = load(tmp_path, {"activation_checkpointing": {"partition_activations": True}})
+    with pytest.raises(ConfigError, match="--tp is 1"):
+        validate(cfg, 1)
