@@ -13,20 +13,33 @@ Not counted: parameters (model state, whatever autograd saves of them; ZeRO-3's 
 parameters too). Counted apart as host bytes: tensors marked with `mark_host(t)` (activation offload:
 checkpointed inputs kept in host memory), whichever device the run uses.
 
-Attribution: `scope(label)` names what runs inside it (the trainer: microbatch, layer); each storage
-counts toward the label active when it was first saved, in `bytes_by_label` (reset by `reset_labels()`).
+Attribution: `scope(label)` names what runs inside it; each storage counts toward the label active
+when it was first saved, in `bytes_by_label` (reset by `reset_labels()`). The labels the training run
+uses (the executor's scopes plus `label_layers` on the transformer blocks):
+
+    (microbatch, layer)      what block `layer` (global number) saved in microbatch's forward; under full
+                             recomputation the kept input of a checkpointed span counts toward the span's
+                             first layer (it is that block's input storage; a host or partitioned copy
+                             of it is a new storage and counts as "other")
+    (microbatch, "other")    the rest of a chunk's forward: embedding, final norm, output layer, loss
+    ("recompute", layer)     saved during backward by the recomputation of block `layer` (full: the
+                             block's forward re-run; selective: its core attention / activation), all
+                             microbatches summed; transient, each released by that block's backward
+    ("recompute", "other")   anything else saved during a backward
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import defaultdict
-from typing import Hashable, Iterator
+from typing import Hashable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 _HOST_MARK = "_megazero_host_activation"
+RECOMPUTE = "recompute"  # first element of the labels of what backward saves
 
 
 def mark_host(t: torch.Tensor) -> torch.Tensor:
@@ -63,6 +76,10 @@ class SavedTensorMeter:
         self.host_peak_bytes = 0
         self.label: Hashable | None = None
         self.bytes_by_label: dict[Hashable, int] = defaultdict(int)
+        self._outer_labels: list = []  # label_layers: the labels a block's forward pre-hook replaced
+        # storage key -> (weak ref to a block's input, that block's label): a full-recomputation checkpoint
+        # saves its span's input after the span's blocks ran, outside their scope (label_layers)
+        self._block_inputs: dict[tuple, tuple[weakref.ref, Hashable]] = {}
 
     # ----- hooks ----------------------------------------------------------------------------------
     def _pack(self, t: torch.Tensor):
@@ -75,6 +92,11 @@ class SavedTensorMeter:
         else:
             nbytes = storage.nbytes()
             self._refs[key], self._size[key] = 1, nbytes
+            label = self.label
+            if self._block_inputs:
+                entry = self._block_inputs.get(key)
+                if entry is not None and entry[0]() is not None:  # still that tensor (pointers get reused)
+                    label = entry[1]
             if getattr(t, _HOST_MARK, False):
                 self._host.add(key)
                 self.host_live_bytes += nbytes
@@ -82,7 +104,7 @@ class SavedTensorMeter:
             else:
                 self.live_bytes += nbytes
                 self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-            self.bytes_by_label[self.label] += nbytes
+            self.bytes_by_label[label] += nbytes
         return _Packed(t, key, self)
 
     @staticmethod
@@ -121,3 +143,42 @@ class SavedTensorMeter:
 
     def reset_labels(self) -> None:
         self.bytes_by_label = defaultdict(int)
+        self._outer_labels.clear()
+        self._block_inputs.clear()
+
+    def label_layers(self, layers: Mapping[int, nn.Module]) -> list:
+        """Attribute what each block saves to (microbatch, layer) inside a (microbatch, ...) scope and to
+        ("recompute", layer) inside a ("recompute", ...) one (module forward pre/post hooks; a gradient
+        hook on the block's output names the layer whose backward runs, for selective recomputation,
+        which re-runs only parts of a block). Outside any scope (evaluation) the hooks do nothing.
+        Returns the hook handles."""
+        handles = []
+        for layer, block in layers.items():
+            handles.append(block.register_forward_pre_hook(self._enter_layer_hook(layer)))
+            handles.append(block.register_forward_hook(self._leave_layer_hook(layer)))
+        return handles
+
+    def _enter_layer_hook(self, layer: int):
+        def enter(module, args):
+            outer = self.label
+            self._outer_labels.append(outer)
+            if isinstance(outer, tuple):
+                self.label = (RECOMPUTE if outer[0] == RECOMPUTE else outer[0], layer)
+                x = args[0] if args else None
+                if isinstance(x, torch.Tensor) and outer[0] != RECOMPUTE:
+                    key = (x.device.type, x.device.index, x.untyped_storage().data_ptr())
+                    self._block_inputs[key] = (weakref.ref(x), self.label)
+        return enter
+
+    def _leave_layer_hook(self, layer: int):
+        recompute_label = (RECOMPUTE, layer)
+
+        def name_backward(grad):
+            self.label = recompute_label  # block `layer`'s backward starts: its gradient arrived
+
+        def leave(module, args, output):
+            self.label = self._outer_labels.pop() if self._outer_labels else None
+            if (isinstance(self.label, tuple) and self.label[0] != RECOMPUTE
+                    and isinstance(output, torch.Tensor) and output.requires_grad):
+                output.register_hook(name_backward)
+        return leave

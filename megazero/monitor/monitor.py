@@ -163,8 +163,10 @@ class TrainingMonitor:
         for line in format_eval_block(r.iteration, lm_loss=r.lm_loss, ppl=r.ppl):
             self._log(line)
 
-    def close(self, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    def close(self, extra_summary: dict[str, Any] | None = None,
+              memory: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write summary.json and training_curves.png, close all files; return the summary.
+        `memory`: summary.json's top-level `memory` section (summary.py), when given.
 
         Safe to call twice: later calls write nothing and return the first summary.
         """
@@ -180,6 +182,8 @@ class TrainingMonitor:
             config=self._config,
             extra=extra_summary,
         )
+        if memory is not None:
+            summary["memory"] = memory
         self._summary = summary
         try:
             write_summary(self.run_dir / SUMMARY_NAME, summary)

@@ -12,6 +12,12 @@ interval (it includes warm-up: allocator growth, first kernel launches, data loa
 when only one interval was logged. `config_digest` is the sha256 of the config's canonical JSON
 (see `config_digest`), so two summaries with the same digest came from the same config.
 Non-finite floats (a diverged loss) are written as null: strict JSON has no NaN.
+
+`memory` (the trainer passes it to TrainingMonitor.close; megazero/training/memory_report.py):
+activation_bytes (peak bytes saved for backward over a training step, pipeline in-flight microbatches
+included), activation_host_bytes (the same for activations offloaded to host memory), model_state_bytes
+(params + grads + optimizer state on the device), peak_bytes (CUDA max allocated, or peak RSS on CPU):
+each the max over ranks, and `per_rank`, a list of {rank, pp, dp, tp, and those four} per rank.
 """
 
 from __future__ import annotations

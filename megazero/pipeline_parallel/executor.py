@@ -11,10 +11,16 @@ data is not needed again (backward needs only its autograd node and the gradient
 its storage is replaced by a 1-element tensor as soon as the send completes, and backward is run
 through the autograd engine directly (torch.autograd.backward would compare the freed tensor's shape
 with the gradient's). Activation memory then follows the schedule's in-flight count, not m.
+
+Accounting: with `meter` set (a SavedTensorMeter, megazero/activation/saved_tensors.py, recording
+around run()), each training forward runs in the meter's scope (microbatch, "other") and each backward
+in ("recompute", "other"), which the meter's per-layer hooks refine to (microbatch, layer) and
+("recompute", layer). Forward-only runs save nothing and are not scoped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -58,6 +64,10 @@ class PipelineExecutor:
         self.events: list[dict] = []  # compute intervals of the last run, when record_timeline
         self.peak_in_flight = 0
         self.outputs_freed_before_backward = True
+        self.meter = None  # a SavedTensorMeter whose labels this executor sets (see the module docstring)
+
+    def _scope(self, label):
+        return self.meter.scope(label) if self.meter is not None else contextlib.nullcontext()
 
     def run(self, plan: list[Action], microbatches: list[Microbatch], loss_fn: LossFn,
             forward_only: bool = False, grad_scale: float = 1.0) -> list[torch.Tensor]:
@@ -115,13 +125,15 @@ class PipelineExecutor:
                 run_context.action = action
                 start = self._now()
                 if action.kind == FORWARD:
-                    loss = self._forward(action, microbatches, inputs, outputs, loss_fn, forward_only,
-                                         grad_scale / m)
+                    with self._scope(None if forward_only else (action.microbatch, "other")):
+                        loss = self._forward(action, microbatches, inputs, outputs, loss_fn, forward_only,
+                                             grad_scale / m)
                     if loss is not None:
                         losses.append(loss)
                     self.peak_in_flight = max(self.peak_in_flight, len(outputs))  # stashed for backward
                 else:
-                    self._backward(action, inputs, outputs, grads_in, grads_out, sends, reap_sends)
+                    with self._scope(("recompute", "other")):
+                        self._backward(action, inputs, outputs, grads_in, grads_out, sends, reap_sends)
                 if self.record_timeline:
                     self.events.append({"kind": action.kind, "microbatch": action.microbatch,
                                         "chunk": action.chunk, "start": start, "end": self._now()})

@@ -35,6 +35,7 @@ from megazero.random import RNGStreams
 from megazero.tensor_parallel.sharding import counts_toward_norm
 from megazero.topology import Topology, rank_to_coords
 from megazero.training.data_setup import ResolvedData, build_datasets
+from megazero.training.memory_report import MemoryAccounting
 from megazero.training.model_builder import build_model_chunks
 from megazero.watchdog import context as run_context  # what a collective-timeout report names
 from megazero.zero.engine import ZeroEngine
@@ -116,6 +117,11 @@ class Trainer:
         p2p = PipelineP2P.for_chunks(list(self.chunks), cfg.micro_batch_size(topo.world_size), topo.pp_ranks,
                                      topo.pp_rank, topo.pp_group, device) if topo.pp > 1 else None
         self.executor = PipelineExecutor(list(self.chunks), topo.pp_rank, topo.pp, p2p, input_key="tokens")
+        # saved-for-backward bytes of every training step (memory_report.py): the meter records around
+        # the whole schedule (saved-tensor hooks nest by replacement) and the executor labels microbatches
+        self.memory = MemoryAccounting(list(self.chunks), self.zero, topo, device)
+        self.activation_meter = self.memory.meter
+        self.executor.meter = self.activation_meter
         self.train_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches)
         self.eval_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches, forward_only=True)
         self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or t.train_iters,
@@ -177,7 +183,11 @@ class Trainer:
         scale = self.scaler.scale
         clock = self._phase_clock()
         self.zero.start_step(self.num_microbatches)
-        losses = self.executor.run(self.train_plan, self._next_microbatches(batches), lm_loss, grad_scale=scale)
+        microbatches = self._next_microbatches(batches)
+        self.memory.start_step()
+        with self.activation_meter.recording():
+            losses = self.executor.run(self.train_plan, microbatches, lm_loss, grad_scale=scale)
+        self.memory.end_step()
         clock("forward-backward")
         run_context.set_phase("gradient reduction")
         self.zero.finish_grad_sync()
@@ -239,19 +249,20 @@ class Trainer:
         one line per rank and logged to TensorBoard as memory/rank{r}/..., comm/rank{r}/..."""
         lc = self.cfg.logging
         mine: dict[str, float] = {}
+        activations = ""  # --log-memory: this rank's saved-for-backward line (memory_report.py)
         if lc.log_memory:
-            mine |= {f"memory/{k}-bytes": float(v) for k, v in self.zero.memory_bytes().items()}
+            mine, activations = self.memory.step_fields()
         if lc.log_comm:
             mine |= {f"comm/{kind}-{group}-bytes": v for (kind, group), v in sorted(comm_bytes.items())}
         if not mine:
             return
-        everyone = comm.all_gather_object(mine, self.topo.world_group)
+        everyone = comm.all_gather_object((mine, activations), self.topo.world_group)
         scalars = {f"{k.split('/')[0]}/rank{r}/{k.split('/', 1)[1]}": v
-                   for r, d in enumerate(everyone) for k, v in d.items()}
-        lines = [f" rank {r} (pp {c.pp}, dp {c.dp}, tp {c.tp}): " + " | ".join(
-                     f"{k.split('/', 1)[1].removesuffix('-bytes')}: {v / 2**20:.2f} MiB" for k, v in d.items())
-                 for r, d in enumerate(everyone)
-                 for c in [rank_to_coords(r, self.topo.shape)]]
+                   for r, (d, _) in enumerate(everyone) for k, v in d.items()}
+        lines = [line for r, (d, act) in enumerate(everyone) for c in [rank_to_coords(r, self.topo.shape)]
+                 for line in [f" rank {r} (pp {c.pp}, dp {c.dp}, tp {c.tp}): " + " | ".join(
+                     f"{k.split('/', 1)[1].removesuffix('-bytes')}: {v / 2**20:.2f} MiB" for k, v in d.items())]
+                 + ([f"   {act}"] if act else [])]
         self.monitor.log_scalars(iteration, scalars, [f" per-rank accounting at iteration {iteration}:"] + lines)
 
     def _save_timeline(self, path: Path, events: list[dict]) -> None:
@@ -382,7 +393,8 @@ class Trainer:
         if timeline_out and stop is None:
             self._save_timeline(Path(timeline_out), timeline_events)
         test = self.evaluate("test") if stop is None else None  # an early stop is resumed, not finished
-        self.summary = self.monitor.close({"test_lm_loss": test, "num_parameters": self.num_parameters,
+        memory = self.memory.summary()  # collective: every rank's numbers
+        self.summary = self.monitor.close(memory=memory, extra_summary={"test_lm_loss": test, "num_parameters": self.num_parameters,
                                            "world_size": self.topo.world_size, "tp": self.topo.tp,
                                            "dp": self.topo.dp, "pp": self.topo.pp, "iteration": self.iteration,
                                            "exit_reason": stop or "train-iters reached"})

@@ -64,7 +64,7 @@ def test_resume_continues_the_run_folder(run, tmp_path, capsys):
 
 
 def test_logged_loss_is_the_interval_mean(run, tmp_path, capsys):
-    summary = run("--train-iters", "4", "--log-interval", "2", "--output-dir", str(tmp_path / "a"))
+    summary = run("--train-iters", "4", "--log-interval", "2", "--output-dir", str(tmp_path / "a"), "--log-memory")
     per_step = run("--train-iters", "4", "--log-interval", "1", "--output-dir", str(tmp_path / "b"))
     coarse = read_metrics_csv(tmp_path / "a" / "training_metrics.csv")
     fine = read_metrics_csv(tmp_path / "b" / "training_metrics.csv")
@@ -72,3 +72,14 @@ def test_logged_loss_is_the_interval_mean(run, tmp_path, capsys):
     for row, (x, y) in zip(coarse, [(fine[0], fine[1]), (fine[2], fine[3])]):
         assert row["lm_loss"] == pytest.approx((x["lm_loss"] + y["lm_loss"]) / 2, rel=1e-12)
     assert summary["final_train_loss"] == coarse[-1]["lm_loss"] and per_step["final_train_loss"] == fine[-1]["lm_loss"]
+
+    # --log-memory (memory_report.py): per rank, model state then the saved-for-backward line; the
+    # summary's memory section (one rank: per_rank has one entry equal to the maxima)
+    out = capsys.readouterr().out
+    assert " rank 0 (pp 0, dp 0, tp 0): params: " in out and "activation-peak: " in out
+    assert "activations saved for backward: peak " in out and "microbatch 0 per layer: 0: " in out
+    memory = json.loads((tmp_path / "a" / "summary.json").read_text())["memory"]
+    (mine,) = memory["per_rank"]
+    assert mine == {"rank": 0, "pp": 0, "dp": 0, "tp": 0, **{k: memory[k] for k in mine if k not in "rank pp dp tp"}}
+    assert 0 < memory["activation_bytes"] < memory["peak_bytes"] and memory["activation_host_bytes"] == 0
+    assert memory["model_state_bytes"] > 0 and "memory" in per_step
