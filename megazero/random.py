@@ -12,11 +12,18 @@ Streams:
 - "tensor-parallel": seeded distinctly per TP rank, for dropout on sharded activations.
 
 The whole object is checkpointable (state_dict / load_state_dict).
+
+Recomputation (activation/recompute.py) replays a region's random draws: `snapshot()` before the
+region records the live generator (the ambient stream, or the forked stream when taken inside a fork)
+and every named stream; `replay(snap)` runs the recomputation from those states and afterwards puts
+the generator, every stream and the active fork back as they were, so the draws of code running
+between the forward and the recomputation (later layers, other microbatches) are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -24,6 +31,13 @@ import torch
 # Offsets as in Megatron (seed + 2718 + tp_rank for the model-parallel stream) so seeds are familiar.
 _TP_STREAM_OFFSET = 2718
 _PP_STAGE_OFFSET = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class RNGSnapshot:
+    generator: torch.Tensor  # the device generator's state (whichever stream was live)
+    streams: dict[str, torch.Tensor]  # name -> saved state of each stream not live
+    active: str | None  # the fork in force, if any
 
 
 class RNGStreams:
@@ -72,6 +86,22 @@ class RNGStreams:
             self._states[name] = self._get_state()
             self._set_state(ambient)
             self._active = None
+
+    def snapshot(self) -> "RNGSnapshot":
+        """The live generator state (the active fork's stream inside a fork) and every named stream."""
+        return RNGSnapshot(self._get_state(), dict(self._states), self._active)  # states are never mutated
+
+    @contextlib.contextmanager
+    def replay(self, snap: "RNGSnapshot") -> Iterator[None]:
+        """Run the block with the generator, the streams and the active fork as at `snap`; restore after."""
+        now = RNGSnapshot(self._get_state(), self._states, self._active)
+        self._set_state(snap.generator)
+        self._states, self._active = dict(snap.streams), snap.active  # forks inside write to the copy
+        try:
+            yield
+        finally:
+            self._set_state(now.generator)
+            self._states, self._active = now.streams, now.active
 
     def state_dict(self) -> dict:
         return {"streams": {k: v.clone() for k, v in self._states.items()}, "ambient": self._get_state().clone()}

@@ -1,10 +1,24 @@
 """Activation recomputation (Megatron's --recompute-*; DeepSpeed's activation_checkpointing).
 
-CONTRACT (being implemented): `checkpoint(fn, *inputs, rng=, storage=)` returns fn(*inputs) and
-keeps only `inputs` for backward, where fn is run again (the recomputation) before its backward:
-exact (every named RNG stream and the ambient generator replayed from their state at the forward),
-with `storage` deciding where the kept inputs live (partitioned across tp ranks, host memory). With
-grad disabled, or no input requiring grad, it is fn(*inputs).
+`checkpoint(fn, *inputs, rng=, storage=)` returns fn(*inputs), run without recording a graph, and
+keeps only `inputs` for backward (ctx.save_for_backward, so SavedTensorMeter counts exactly them).
+Its backward is the recomputation: fn runs again, with grad, on detached copies of the inputs and with
+the random draws of the forward replayed (`rng.snapshot()` / `rng.replay()`: the live generator and
+every named stream; rng=None declares that fn draws nothing), then backward runs through the
+recomputed outputs; parameter gradients accumulate as in any backward (ZeRO's post-accumulate-grad
+hooks fire), the inputs' gradients are returned. Same ops in the same order as without checkpoint:
+fp32 results are bitwise equal. With grad disabled, or no input requiring grad, it is fn(*inputs).
+
+This is a reentrant autograd.Function, not torch.utils.checkpoint: the non-reentrant variant keeps
+inputs alive in closures that saved-tensor hooks never see, and torch's RNG preservation knows the
+ambient generator only, not our named streams.
+
+`storage` (InputStorage) says where the kept inputs live: as 1/n slices across `partition_group`
+(all-gathered before the recomputation), in host memory (`offload`: copied back ahead of use, the
+copy of checkpoint k-1's input starting when checkpoint k's backward starts), or as they are.
+
+`recomputing()` is True while a recomputation runs (zero/stage3.py keeps the blocks it gathers for
+it until their gradients are in, and prefetches backward, not forward).
 
 `recompute_spans(layer_ids, act)` -> [(layer ids, checkpointed)] in order: the model runs each span's
 blocks, through `checkpoint` when checkpointed (full recomputation; uniform or block method).
@@ -12,32 +26,86 @@ blocks, through `checkpoint` when checkpointed (full recomputation; uniform or b
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from megazero.activation.input_storage import InputStorage, KeptInputs
 from megazero.config import ActivationConfig
 from megazero.random import RNGStreams
 
-
-@dataclass(frozen=True)
-class InputStorage:
-    """Where a full-recomputation checkpoint keeps its inputs: split across `partition_group` (each
-    rank 1/n, all-gathered before the recomputation), in host memory (`offload`), and whether each
-    checkpoint boundary synchronises CUDA (DeepSpeed's synchronize_checkpoint_boundary)."""
-
-    partition_group: object | None = None
-    offload: bool = False
-    synchronize: bool = False
-
+__all__ = ["InputStorage", "KEEP", "checkpoint", "recomputing", "recompute_spans", "core_attention_pays"]
 
 KEEP = InputStorage()
+
+# Per thread: the autograd engine runs a CUDA backward (so the recomputation) on its device thread.
+_state = threading.local()
+
+
+def recomputing() -> bool:
+    """Whether this thread is inside a checkpoint's recomputation (fn re-run in backward)."""
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recomputation() -> Iterator[None]:
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
 
 
 def checkpoint(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, rng: RNGStreams | None,
                storage: InputStorage = KEEP) -> torch.Tensor:
-    return fn(*inputs)  # placeholder until the recomputation lands
+    if not torch.is_grad_enabled() or not any(x.requires_grad for x in inputs):
+        return fn(*inputs)
+    return _Checkpoint.apply(fn, rng, storage, *inputs)
+
+
+@dataclass
+class _Replay:
+    fn: Callable
+    rng: RNGStreams | None
+    snapshot: object  # RNGSnapshot, or None when rng is None
+    kept: KeptInputs
+    previous: object | None  # the preceding checkpoint's backward node whose kept input to prefetch
+
+
+class _Checkpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, rng, storage: InputStorage, *inputs: torch.Tensor):
+        storage.boundary(inputs[0].device)
+        snapshot = rng.snapshot() if rng is not None else None
+        with torch.no_grad():
+            outputs = fn(*inputs)
+        kept = KeptInputs(inputs, storage)
+        ctx.save_for_backward(*kept.tensors)  # after offload: the host copies (marked as host bytes)
+        # consecutive spans: this input is the previous checkpoint's output, so its backward node is that
+        # checkpoint's ctx; our backward (which runs just before its own) starts its input's copy back
+        previous = inputs[0].grad_fn if isinstance(inputs[0].grad_fn, _Checkpoint._backward_cls) else None
+        ctx.replay = _Replay(fn, rng, snapshot, kept, previous if storage.offload else None)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        replay: _Replay = ctx.replay
+        ctx.replay = None  # drop fn, snapshot and the previous node with this backward
+        previous = replay.previous
+        if previous is not None and previous.replay is not None:  # its backward is next: copy its input back
+            previous.replay.kept.prefetch(previous.saved_tensors)
+        inputs = replay.kept.restore(ctx.saved_tensors)  # detached; requires_grad as the originals
+        replay.kept.storage.boundary(inputs[0].device)
+        with torch.enable_grad(), _recomputation(), \
+                replay.rng.replay(replay.snapshot) if replay.rng is not None else contextlib.nullcontext():
+            outputs = replay.fn(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, None, *(x.grad if x.requires_grad else None for x in inputs))
 
 
 def recompute_spans(layer_ids: list[int], act: ActivationConfig) -> list[tuple[list[int], bool]]:
