@@ -47,6 +47,10 @@ class Layout(NamedTuple):
     # adamw | sgd (momentum 0.9, Megatron's default) | sgd-nomomentum (SGD declaring no state); tests/integration/test_sgd.py
     optimizer: str = "adamw"
     model: str = "gpt2"  # gpt2 | llama | llama-tied (MODEL_PARTS); tests/integration/test_llama_parity.py
+    # ActivationConfig fields as ((name, value), ...); dropout: hidden and attention dropout (tests/
+    # integration/test_recompute_parity.py)
+    activation: tuple = ()
+    dropout: float = 0.0
 
 
 def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
@@ -57,8 +61,8 @@ def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
                    "offload_sub_group_size": 5000}  # several sub-groups: the double-buffered path
     return RunConfig(
         model=ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=512,
-                          make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0,
-                          **MODEL_PARTS[layout.model]),
+                          make_vocab_size_divisible_by=64, hidden_dropout=layout.dropout,
+                          attention_dropout=layout.dropout, **MODEL_PARTS[layout.model]),
         optimizer=_optimizer_config(layout.optimizer, layout.model),
         data=DataConfig(data_path=str(prefix), tokenizer_model=str(tokenizer_model), split="90,10,0"),
         training=TrainingConfig(micro_batch_size=micro, global_batch_size=GLOBAL_BATCH, train_iters=STEPS, seed=7,
@@ -67,7 +71,7 @@ def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
                         "virtual_pipeline_model_parallel_size": vp,
                         "decoder_first_pipeline_num_layers": first_stage_layers},
               zero={"stage": zero, "reduce_bucket_size": 20_000, **offload_cfg},  # several buckets, uneven shards
-              precision={"params_dtype": dtype})
+              precision={"params_dtype": dtype}, activation=dict(layout.activation))
 
 
 # Llama-family blocks on the parity shape (4 heads): 2 key/value groups, so tp 4 shares each group by 2 ranks
