@@ -6,9 +6,9 @@ is [head, (q, k, v), head_dim], GPT-2's as megazero has always stored it). A con
 therefore gives each rank whole groups when tp <= groups. When tp > groups (Megatron refuses this) the
 split stops at whole groups (ShardSpec.max_shards = groups): the tp / groups ranks sharing a group
 each hold the whole group's rows, use their own n / (tp / groups) query heads and the shared k, v, and
-`_SumOverReplicas` adds their weight gradients in backward (each rank's rows of other ranks' query
-heads get zero from it), so every replica holds the full gradient; norms and checkpoints count the
-first replica only (sharding.counts_toward_norm).
+`sum_grad_over_tp` (tensor_parallel/collectives.py) adds their weight gradients in backward (each
+rank's rows of other ranks' query heads get zero from it), so every replica holds the full gradient;
+norms and checkpoints count the first replica only (sharding.counts_toward_norm).
 
 Backends (`--attention-backend`): sdpa (torch.nn.functional.scaled_dot_product_attention; flash /
 memory-efficient kernels where torch has them), fused (megatron_kernels' scaled causal softmax through
@@ -33,34 +33,17 @@ from megazero.config import ActivationConfig, ModelConfig
 from megazero.model.norms import LayerNorm, RMSNorm
 from megazero.model.rope import RotaryEmbedding
 from megazero.random import RNGStreams
-from megazero.tensor_parallel.collectives import copy_to_tp_region
+from megazero.tensor_parallel.collectives import sum_grad_over_tp
 from megazero.tensor_parallel.init import InitFn, normal_init
 from megazero.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megazero.tensor_parallel.sharding import get_shard_spec
 
 
-def make_norm(cfg: ModelConfig, size: int, dtype, device) -> nn.Module:
-    """The block's normalisation (--normalization) over the last dim of `size`."""
+def make_norm(cfg: ModelConfig, size: int, dtype, device, grad_sum_group=None) -> nn.Module:
+    """The block's normalisation (--normalization) over the last dim of `size`; grad_sum_group: the TP
+    group when ranks normalise different data (sequence-parallel region, q/k norms: norms.py)."""
     cls = RMSNorm if cfg.normalization == "RMSNorm" else LayerNorm
-    return cls(size, cfg.layernorm_epsilon, dtype, device, cfg.fused_kernels)
-
-
-class _SumOverReplicas(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the TP ranks holding the same slice (its
-    replicas), through one all-reduce over the TP group of a [slices, *shape] buffer in which each rank
-    fills its slice's row (the rest zero): no extra process groups."""
-
-    @staticmethod
-    def forward(ctx, weight, tp_group, num_slices: int, slice_index: int):
-        ctx.tp_group, ctx.num_slices, ctx.slice_index = tp_group, num_slices, slice_index
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        buf = grad.new_zeros((ctx.num_slices, *grad.shape))
-        buf[ctx.slice_index] = grad
-        comm.all_reduce_(buf, ctx.tp_group)
-        return buf[ctx.slice_index], None, None, None
+    return cls(size, cfg.layernorm_epsilon, dtype, device, cfg.fused_kernels, grad_sum_group)
 
 
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str, dropout_p: float,
@@ -100,46 +83,40 @@ class SelfAttention(nn.Module):
         self.per_group = cfg.num_attention_heads // groups  # query heads per key/value group
         self.local_heads = cfg.num_attention_heads // tp
         self.dropout_p = cfg.attention_dropout
+        sp = activation.sequence_parallel  # input [b, s/tp, h] gathered by the QKV, output reduce-scattered
         self.query_key_value = ColumnParallelLinear(
             cfg.hidden_size, groups * (self.per_group + 2) * self.head_dim, tp_group=tp_group,
             init_method=normal_init(cfg.init_method_std), bias=cfg.qkv_bias, max_shards=groups,
-            dtype=dtype, device=device)
+            sequence_parallel=sp, dtype=dtype, device=device)
         spec = get_shard_spec(self.query_key_value.weight)
         self.num_slices, self.slice_index = spec.num_slices, spec.slice_index
         self.replicas, self.replica_index = spec.replicas, spec.replica_index
         self.local_groups = groups // spec.num_slices  # 1 when the group is shared (tp > groups)
         self.dense = RowParallelLinear(
             cfg.num_attention_heads * self.head_dim, cfg.hidden_size, tp_group=tp_group, init_method=output_init,
-            bias=cfg.add_bias_linear, input_is_parallel=True, dtype=dtype, device=device)
+            bias=cfg.add_bias_linear, input_is_parallel=True, sequence_parallel=sp, dtype=dtype, device=device)
         self.rotary = RotaryEmbedding(cfg) if cfg.position_embedding_type == "rope" else None
-        if cfg.qk_layernorm:  # over head_dim, shared by every head (Megatron); replicated over TP (_qk_norm)
-            self.q_layernorm = make_norm(cfg, self.head_dim, dtype, device)
-            self.k_layernorm = make_norm(cfg, self.head_dim, dtype, device)
+        if cfg.qk_layernorm:  # over head_dim, shared by every head (Megatron); replicated over TP, but each
+            # rank normalises only its own heads: the weight gradients are summed over the TP group
+            self.q_layernorm = make_norm(cfg, self.head_dim, dtype, device, grad_sum_group=tp_group)
+            self.k_layernorm = make_norm(cfg, self.head_dim, dtype, device, grad_sum_group=tp_group)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.query_key_value.weight, self.query_key_value.bias
         if self.replicas == 1:
             return self.query_key_value(x)
-        weight = _SumOverReplicas.apply(weight, self.tp_group, self.num_slices, self.slice_index)
+        weight = sum_grad_over_tp(weight, self.tp_group, self.num_slices, self.slice_index)
         if bias is not None:
-            bias = _SumOverReplicas.apply(bias, self.tp_group, self.num_slices, self.slice_index)
-        return F.linear(copy_to_tp_region(x, self.tp_group), weight, bias)
-
-    def _qk_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The q / k norm's weights are replicated over TP but each rank normalises only its own heads:
-        their gradients are summed over the TP group (as the replicas of a shared QKV slice are)."""
-        if self.tp_size == 1:
-            return norm(x)
-        weight = _SumOverReplicas.apply(norm.weight, self.tp_group, 1, 0)
-        if isinstance(norm, RMSNorm):
-            return ops.rms_norm(x, weight, norm.eps, use_fused=norm.use_fused)
-        bias = _SumOverReplicas.apply(norm.bias, self.tp_group, 1, 0)
-        return ops.layer_norm(x, weight, bias, norm.eps, use_fused=norm.use_fused)
+            bias = sum_grad_over_tp(bias, self.tp_group, self.num_slices, self.slice_index)
+        return F.linear(self.query_key_value.parallel_input(x), weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
+        """x [b, s, h] (sequence parallel: [b, s/tp, h]) -> the same shape. From the QKV projection on
+        every rank holds the whole sequence (gathered there), so rope turns positions 0..s-1 as without SP."""
         hd, n = self.head_dim, self.per_group
-        qkv = self._project(x).view(b, s, self.local_groups, n + 2, hd)  # [b, s, groups here, (q.., k, v), hd]
+        qkv = self._project(x)  # [b, s, local qkv features]
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, self.local_groups, n + 2, hd)  # [b, s, groups here, (q.., k, v), hd]
         q, k, v = qkv[:, :, :, :n], qkv[:, :, :, n:n + 1], qkv[:, :, :, n + 1:]
         if self.replicas > 1:  # this rank's share of the group's query heads
             mine = n // self.replicas
@@ -148,7 +125,7 @@ class SelfAttention(nn.Module):
         k = k.reshape(b, s, self.local_groups, hd).transpose(1, 2)  # [b, groups here, s, hd]
         v = v.reshape(b, s, self.local_groups, hd).transpose(1, 2)
         if self.cfg.qk_layernorm:
-            q, k = self._qk_norm(self.q_layernorm, q), self._qk_norm(self.k_layernorm, k)
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         dropout_p = self.dropout_p if self.training else 0.0

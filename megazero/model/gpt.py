@@ -9,7 +9,12 @@ no linear biases (or a QKV bias only), an untied output layer.
 
 Shapes: activations are batch-first [b, s, h]. With tp ranks, each rank holds heads/tp query heads
 (and their key/value groups: attention.py) and ffn/tp MLP columns; activations between blocks are
-replicated [b, s, h] on every TP rank.
+replicated [b, s, h] on every TP rank, or with sequence parallelism (ActivationConfig.sequence_parallel)
+split along s, [b, s/tp, h] with rank r holding positions [r*s/tp, (r+1)*s/tp): the embedding output,
+the norms, the dropouts, the residual stream and what pipeline stages send. The column-parallel layers
+all-gather s, the row-parallel ones reduce-scatter it (tensor_parallel/layers.py). Parameters are the
+same either way (checkpoints load across the switch); the replicated ones in that region (norms,
+row-parallel biases, position embeddings) get their gradients summed over TP (sum_grad_over_tp).
 
 Layer names use *global* layer numbers (`layers.7.attention...`) so that a pipeline stage holding
 layers 4-7 has the same parameter names, initial values and checkpoint keys as a single process.
@@ -17,6 +22,7 @@ layers 4-7 has the same parameter names, initial values and checkpoint keys as a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -29,7 +35,7 @@ from megazero.activation import recompute
 from megazero.config import ActivationConfig, ModelConfig
 from megazero.model.attention import SelfAttention, make_norm
 from megazero.random import RNGStreams
-from megazero.tensor_parallel.collectives import copy_to_tp_region
+from megazero.tensor_parallel.collectives import sum_grad_over_tp
 from megazero.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megazero.tensor_parallel.init import normal_init, set_init
 from megazero.tensor_parallel.sharding import ZeroUnit, get_shard_spec, set_shard_spec
@@ -56,12 +62,14 @@ class MLP(nn.Module):
         # selective recomputation: the activation function is re-run in backward from its input, so its
         # output (and SwiGLU's silu(gate)) is not kept
         self.recompute_activation = activation.selective
+        sp = activation.sequence_parallel  # x [b, s/tp, h] gathered in, output reduce-scattered
         self.dense_h_to_4h = ColumnParallelLinear(
             cfg.hidden_size, cfg.ffn_size * (2 if cfg.swiglu else 1), tp_group=tp_group,
-            init_method=normal_init(cfg.init_method_std), bias=cfg.add_bias_linear, dtype=dtype, device=device)
+            init_method=normal_init(cfg.init_method_std), bias=cfg.add_bias_linear, sequence_parallel=sp,
+            dtype=dtype, device=device)
         self.dense_4h_to_h = RowParallelLinear(
             cfg.ffn_size, cfg.hidden_size, tp_group=tp_group, init_method=output_init,
-            bias=cfg.add_bias_linear, input_is_parallel=True, dtype=dtype, device=device)
+            bias=cfg.add_bias_linear, input_is_parallel=True, sequence_parallel=sp, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.swiglu:
@@ -73,7 +81,7 @@ class MLP(nn.Module):
         rows, h = lin.weight.shape  # [2 * ffn/tp, h]
         weight = lin.weight.view(rows // 2, 2, h).transpose(0, 1).reshape(rows, h)
         bias = None if lin.bias is None else lin.bias.view(rows // 2, 2).t().reshape(rows)
-        gate, up = F.linear(copy_to_tp_region(x, lin.tp_group), weight, bias).chunk(2, dim=-1)  # [b, s, ffn/tp] each
+        gate, up = F.linear(lin.parallel_input(x), weight, bias).chunk(2, dim=-1)  # [b, s, ffn/tp] each
         return self.dense_4h_to_h(self._activation(_swiglu, gate, up))
 
     def _activation(self, fn, *inputs: torch.Tensor) -> torch.Tensor:
@@ -90,20 +98,41 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _sp_norm_group(tp_group, activation: ActivationConfig):
+    """The group over which a norm in the residual stream sums its weight gradients: TP under SP (each
+    rank normalises its own positions), else none (every rank normalises the same replicated tensor)."""
+    return tp_group if activation.sequence_parallel else None
+
+
+class ResidualDropout(nn.Dropout):
+    """Dropout on the residual stream. Replicated activations draw from the ambient (TP-replicated)
+    stream, so TP ranks drop the same elements; under SP each rank holds different positions and draws
+    from its own "tensor-parallel" stream (Megatron's rng-tracker fork). No fork when nothing is drawn."""
+
+    def __init__(self, p: float, rng: RNGStreams, sequence_parallel: bool):
+        super().__init__(p)
+        self.rng, self.sequence_parallel = rng, sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drawn = self.sequence_parallel and self.training and self.p > 0
+        with self.rng.fork("tensor-parallel") if drawn else contextlib.nullcontext():
+            return super().forward(x)
+
+
 class TransformerBlock(nn.Module):
-    """x + drop(attn(ln1(x))), then + drop(mlp(ln2(.))); dropout on replicated activations uses the
-    ambient (TP-replicated) RNG stream."""
+    """x + drop(attn(ln1(x))), then + drop(mlp(ln2(.))); x is [b, s, h] ([b, s/tp, h] under SP)."""
 
     def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, dtype, device,
                  activation: ActivationConfig = ActivationConfig()):
         super().__init__()
         # GPT-2 / Megatron: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
         output_init = normal_init(cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers))
-        self.input_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device)
+        norm_group = _sp_norm_group(tp_group, activation)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device, norm_group)
         self.attention = SelfAttention(cfg, tp_group, rng, output_init, dtype, device, activation)
-        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device, norm_group)
         self.mlp = MLP(cfg, tp_group, output_init, dtype, device, activation)
-        self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.hidden_dropout = ResidualDropout(cfg.hidden_dropout, rng, activation.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.hidden_dropout(self.attention(self.input_layernorm(x)))
@@ -125,7 +154,8 @@ class GPTModel(nn.Module):
         self.cfg, self.tp_group, self.rng, self.activation = cfg, tp_group, rng, activation
         self.activation_dtype = dtype  # of the hidden states between blocks and pipeline stages
         self.pre_process, self.post_process = pre_process, post_process
-        tp = comm.group_size(tp_group)
+        tp = self.tp_size = comm.group_size(tp_group)
+        self.sequence_parallel = sp = activation.sequence_parallel
         layer_range = layer_range if layer_range is not None else range(cfg.num_layers)
 
         # The word embedding exists on the first stage (input) and, tied, on the last (output layer). On
@@ -139,7 +169,7 @@ class GPTModel(nn.Module):
             self.word_embeddings = VocabParallelEmbedding(
                 cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
                 init_method=normal_init(cfg.init_method_std), logical_vocab_size=cfg.vocab_size,
-                dtype=dtype, device=device)
+                sequence_parallel=sp, dtype=dtype, device=device)
             if pre_process != post_process and self.tied:
                 w = self.word_embeddings.weight
                 set_shard_spec(w, dataclasses.replace(get_shard_spec(w), tied_copy=not pre_process, own_bucket=True))
@@ -148,7 +178,7 @@ class GPTModel(nn.Module):
                 self.position_embeddings = nn.Parameter(
                     torch.empty(cfg.max_positions, cfg.hidden_size, dtype=dtype, device=device))
                 set_init(self.position_embeddings, normal_init(cfg.init_method_std))
-            self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+            self.embedding_dropout = ResidualDropout(cfg.hidden_dropout, rng, sp)
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, tp_group, rng, dtype, device, activation) for i in layer_range})
         # full recomputation: which consecutive layers run as one checkpointed span (recompute.py)
@@ -157,18 +187,20 @@ class GPTModel(nn.Module):
             partition_group=tp_group if activation.distribute_saved_activations else None,
             offload=activation.cpu_offload_activations, synchronize=activation.synchronize_checkpoint_boundary)
         if post_process:
-            self.final_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device)
+            self.final_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device, _sp_norm_group(tp_group, activation))
             if not self.tied:
                 self.output_layer = VocabParallelOutput(
                     cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
                     init_method=normal_init(cfg.init_method_std), logical_vocab_size=cfg.vocab_size,
-                    dtype=dtype, device=device)
+                    sequence_parallel=sp, dtype=dtype, device=device)
 
     def pipeline_activation(self, micro_batch_size: int) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of the hidden state this chunk receives from / sends to a neighbouring
-        pipeline stage: [b, s, h], replicated over TP, in the model dtype. Sequence or context
-        parallelism shards s here, and the pipeline carries it with no trainer change."""
-        return (micro_batch_size, self.cfg.seq_length, self.cfg.hidden_size), self.activation_dtype
+        pipeline stage: [b, s, h], replicated over TP, in the model dtype; with sequence parallelism
+        [b, s/tp, h], this rank's positions (1/tp of the bytes). The pipeline carries whatever is
+        declared here, with no trainer change."""
+        s = self.cfg.seq_length // self.tp_size if self.sequence_parallel else self.cfg.seq_length
+        return (micro_batch_size, s, self.cfg.hidden_size), self.activation_dtype
 
     def zero_units(self) -> list[ZeroUnit]:
         """ZeRO-3 gather units, forward order (zero/stage3.py, zero/engine.py): the word embedding alone
@@ -182,10 +214,20 @@ class GPTModel(nn.Module):
                 + [ZeroUnit(list(blk.parameters()), blk) for blk in blocks])
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(tokens)  # [b, s, h]
+        """tokens [b, s] -> [b, s, h] ([b, s/tp, h] under SP: the word embedding reduce-scatters)."""
+        x = self.word_embeddings(tokens)
         if self.cfg.position_embedding_type == "learned_absolute":
-            x = x + self.position_embeddings[:tokens.shape[1]]
+            x = x + self._positions(tokens.shape[1])
         return self.embedding_dropout(x)
+
+    def _positions(self, s: int) -> torch.Tensor:
+        """The learned position embeddings of this rank's positions: [s, h], or under SP rows
+        [r*s/tp, (r+1)*s/tp) of them, whose gradient rows the other ranks fill (summed over TP)."""
+        if not self.sequence_parallel:
+            return self.position_embeddings[:s]
+        assert s % self.tp_size == 0, f"sequence parallelism: sequence length {s} not divisible by tp {self.tp_size}"
+        local, start = s // self.tp_size, comm.group_rank(self.tp_group) * (s // self.tp_size)
+        return sum_grad_over_tp(self.position_embeddings[:s], self.tp_group)[start:start + local]
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden
@@ -196,10 +238,11 @@ class GPTModel(nn.Module):
             else:
                 x = _run_blocks(blocks)(x)
         if not self.post_process:
-            return x  # hidden states [b, s, h] for the next pipeline stage
-        x = self.final_layernorm(x)
+            return x  # hidden states [b, s, h] ([b, s/tp, h] under SP) for the next pipeline stage
+        x = self.final_layernorm(x)  # under SP on this rank's positions; the output layer gathers s
         if self.tied:
-            logits = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group)  # [b, s, V/tp]
+            logits = parallel_lm_logits(x, self.word_embeddings.weight, self.tp_group,
+                                        self.sequence_parallel)  # [b, s, V/tp]
             vocab_start = self.word_embeddings.vocab_start
         else:
             logits, vocab_start = self.output_layer(x), self.output_layer.vocab_start
@@ -209,7 +252,7 @@ class GPTModel(nn.Module):
 
 
 def _run_blocks(blocks: list[nn.Module]):
-    """The function of a span of blocks: x [b, s, h] -> x after each block in turn."""
+    """The function of a span of blocks: x [b, s, h] ([b, s/tp, h] under SP) -> x after each block in turn."""
     def run(x: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             x = block(x)

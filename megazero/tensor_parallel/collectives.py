@@ -1,16 +1,34 @@
 """Autograd functions that pair a forward collective with its backward over the TP group.
 
-Megatron's four region boundaries (input/output of a TP region):
+Megatron's region boundaries. The tensor-parallel (TP) ones split or sum the last (feature) dim; the
+sequence-parallel (SP) ones split the sequence dim s of batch-first activations [b, s, h], where the
+norm / dropout regions hold [b, s/tp, h] (rank r: positions [r*s/tp, (r+1)*s/tp)):
 
-| function                 | forward                      | backward                    |
-|--------------------------|------------------------------|-----------------------------|
-| copy_to_tp_region        | identity                     | all-reduce (sum)            |
-| reduce_from_tp_region    | all-reduce (sum)             | identity                    |
-| scatter_to_tp_region     | keep this rank's last-dim chunk | all-gather along last dim |
-| gather_from_tp_region    | all-gather along last dim    | keep this rank's chunk      |
+| function                          | forward                         | backward                           |
+|-----------------------------------|---------------------------------|------------------------------------|
+| copy_to_tp_region                 | identity                        | all-reduce (sum)                   |
+| reduce_from_tp_region             | all-reduce (sum)                | identity                           |
+| scatter_to_tp_region              | keep this rank's last-dim chunk | all-gather along last dim          |
+| gather_from_tp_region             | all-gather along last dim       | keep this rank's chunk             |
+| scatter_to_sequence_parallel_region  | keep this rank's s chunk     | all-gather along s                 |
+| gather_from_sequence_parallel_region | all-gather along s           | reduce-scatter along s (*)         |
+| reduce_scatter_to_sequence_parallel_region | reduce-scatter along s | all-gather along s                 |
+| sum_grad_over_tp                  | identity                        | all-reduce (sum) of the gradient   |
 
-All take the group explicitly. gloo's all_gather_into_tensor concatenates along dim 0 only, so the
-last-dim gather moves that dim to the front and back (a copy; TP traffic is the cost anyway).
+(*) The SP gather feeds a TP-parallel consumer (column-parallel linear, the vocab-parallel output
+layer): each rank's gradient of the gathered [b, s, h] is a partial sum over its own columns, so the
+backward sums them and keeps this rank's s chunk (reduce-scatter), as copy_to_tp_region's all-reduce
+does without SP. With `tensor_parallel_output_grad=False` the consumer is replicated (every rank
+computes the same thing from the full sequence, so the gradient is already the full one on every
+rank) and the backward only keeps this rank's chunk (Megatron's flag of the same name).
+
+sum_grad_over_tp is for parameters replicated over TP whose ranks see different data: norm weights and
+row-parallel biases in the SP region (each rank its own positions), q/k norms (each rank its heads),
+and the replicas of a QKV slice shared by several ranks (tp > query groups).
+
+All take the group explicitly. gloo's all_gather_into_tensor / reduce_scatter_tensor work along dim 0
+only, so a gather / reduce-scatter along another dim moves that dim to the front and back (a copy; the
+TP traffic is the cost anyway).
 """
 
 from __future__ import annotations
@@ -19,23 +37,36 @@ import torch
 
 from megazero import comm
 
+SEQ_DIM = 1  # activations are batch-first [b, s, h]
 
-def _split_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's chunk of `dim` (rank order)."""
     world = comm.group_size(group)
     if world == 1:
         return x
-    assert x.shape[-1] % world == 0, f"last dim {x.shape[-1]} not divisible by tp {world}"
-    return x.chunk(world, dim=-1)[comm.group_rank(group)].contiguous()
+    assert x.shape[dim] % world == 0, f"dim {dim} of size {x.shape[dim]} not divisible by tp {world}"
+    return x.chunk(world, dim=dim)[comm.group_rank(group)].contiguous()
 
 
-def _gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's `x` concatenated along `dim` (rank order): [.., n, ..] -> [.., world*n, ..]."""
+    if comm.group_size(group) == 1:
+        return x
+    gathered = comm.all_gather_dim0(x.movedim(dim, 0), group)  # [world*n, ...]
+    return gathered.movedim(0, dim).contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum over the ranks, keep this rank's chunk of `dim`: [.., n, ..] -> [.., n/world, ..]."""
     world = comm.group_size(group)
     if world == 1:
         return x
-    # [..., n] -> [n, ...] -> gather -> [world*n, ...] -> [..., world*n]
-    front = x.movedim(-1, 0)
-    gathered = comm.all_gather_dim0(front, group)
-    return gathered.movedim(0, -1).contiguous()
+    assert x.shape[dim] % world == 0, f"dim {dim} of size {x.shape[dim]} not divisible by tp {world}"
+    front = x.movedim(dim, 0).contiguous()  # [n, ...]
+    out = front.new_empty((front.shape[0] // world, *front.shape[1:]))
+    comm.reduce_scatter_async(out, front, group).wait()
+    return out.movedim(0, dim).contiguous()
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -59,26 +90,65 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToTP(torch.autograd.Function):
+class _Split(torch.autograd.Function):
+    """Keep this rank's chunk of `dim`; backward all-gathers the gradient along it."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last_dim(x, group)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_last_dim(grad, ctx.group), None
+        return _gather(grad, ctx.dim, ctx.group), None, None
 
 
-class _GatherFromTP(torch.autograd.Function):
+class _Gather(torch.autograd.Function):
+    """All-gather along `dim`; backward keeps this rank's chunk of the gradient, summed over the ranks
+    first (reduce-scatter) when each rank's gradient is a partial sum (`grad_is_partial`)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last_dim(x, group)
+    def forward(ctx, x, group, dim, grad_is_partial):
+        ctx.group, ctx.dim, ctx.grad_is_partial = group, dim, grad_is_partial
+        return _gather(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split_last_dim(grad, ctx.group), None
+        if ctx.grad_is_partial:
+            return _reduce_scatter(grad, ctx.dim, ctx.group), None, None, None
+        return _split(grad, ctx.dim, ctx.group), None, None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, SEQ_DIM, ctx.group), None
+
+
+class _SumGradOverTP(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the TP ranks holding the same slice (its
+    replicas), through one all-reduce over the TP group of a [slices, *shape] buffer in which each rank
+    fills its slice's row (the rest zero): no extra process groups. With one slice (a parameter
+    replicated on every TP rank) the buffer is the gradient itself."""
+
+    @staticmethod
+    def forward(ctx, weight, group, num_slices: int, slice_index: int):
+        ctx.group, ctx.num_slices, ctx.slice_index = group, num_slices, slice_index
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.num_slices == 1:
+            return comm.all_reduce_(grad.contiguous().clone(), ctx.group), None, None, None
+        buf = grad.new_zeros((ctx.num_slices, *grad.shape))
+        buf[ctx.slice_index] = grad
+        comm.all_reduce_(buf, ctx.group)
+        return buf[ctx.slice_index], None, None, None
 
 
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
@@ -90,8 +160,31 @@ def reduce_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def scatter_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
-    return _ScatterToTP.apply(x, group)
+    return _Split.apply(x, group, -1)
 
 
 def gather_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromTP.apply(x, group)
+    return _Gather.apply(x, group, -1, False)
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """[b, s, h] replicated -> [b, s/tp, h], this rank's positions."""
+    return _Split.apply(x, group, SEQ_DIM)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, group, tensor_parallel_output_grad: bool = True
+                                         ) -> torch.Tensor:
+    """[b, s/tp, h] -> [b, s, h] on every rank (see the table for the backward)."""
+    return _Gather.apply(x, group, SEQ_DIM, tensor_parallel_output_grad)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """[b, s, h] partial sums -> [b, s/tp, h], the sum's positions of this rank."""
+    return _ReduceScatterToSP.apply(x, group)
+
+
+def sum_grad_over_tp(param: torch.Tensor, group, num_slices: int = 1, slice_index: int = 0) -> torch.Tensor:
+    """`param` itself (a view); its gradient is summed over the TP ranks holding the same slice."""
+    if group is None or comm.group_size(group) == 1:
+        return param
+    return _SumGradOverTP.apply(param, group, num_slices, slice_index)

@@ -12,6 +12,14 @@ Partition math (W is the global weight of nn.Linear, shape [out, in]; y = x W^T 
 - VocabParallelEmbedding splits the table along vocab (dim 0): rank r holds rows [r*V/tp, (r+1)*V/tp);
   ids outside a rank's range look up zeros there and the all-reduce assembles each row from its owner.
 
+Sequence parallelism (`sequence_parallel=True`, Megatron's; collectives.py): the activations outside the
+TP regions are [b, s/tp, h], each rank its own positions. ColumnParallelLinear (and the vocab-parallel
+output layer) all-gathers its input along s instead of copy_to_tp_region (backward: reduce-scatter
+instead of all-reduce); RowParallelLinear and VocabParallelEmbedding reduce-scatter their output along s
+instead of all-reducing it: [b, s, out] partial sums -> [b, s/tp, out]. The row-parallel bias is then
+added on the shard, so each rank sees the gradient of its positions only: sum_grad_over_tp adds them.
+Same bytes on the wire as the all-reduce (= reduce-scatter + all-gather), 1/tp of the activations.
+
 Parameters are created empty with a ShardSpec and an init function; `initialize_parameters` fills them
 layout-invariantly (tensor_parallel/init.py).
 """
@@ -25,9 +33,12 @@ from torch import nn
 from megazero import comm
 from megazero.tensor_parallel.collectives import (
     copy_to_tp_region,
+    gather_from_sequence_parallel_region,
     gather_from_tp_region,
     reduce_from_tp_region,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_tp_region,
+    sum_grad_over_tp,
 )
 from megazero.tensor_parallel.init import InitFn, constant_init, set_init
 from megazero.tensor_parallel.sharding import ShardSpec, get_shard_spec, set_shard_spec
@@ -54,17 +65,26 @@ def _vocab_parallel_weight(num_embeddings: int, embedding_dim: int, tp_group, in
     return _make_param(spec, init_method, dtype, device)
 
 
+def _tp_input(x: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
+    """The input of a TP-parallel consumer as every rank needs it: [b, s, in] replicated (copy; the
+    gradient all-reduced) or, with SP, [b, s/tp, in] all-gathered to [b, s, in] (reduce-scattered back)."""
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(x, tp_group)
+    return copy_to_tp_region(x, tp_group)
+
+
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W split along output features. Input [..., in] -> output [..., out/tp]
-    (or [..., out] with gather_output)."""
+    """y = x W^T + b with W split along output features. Input [..., in] (with SP [b, s/tp, in]) ->
+    output [..., out/tp] (or [..., out] with gather_output)."""
 
     def __init__(self, in_features: int, out_features: int, *, tp_group, init_method: InitFn,
                  bias: bool = True, gather_output: bool = False, max_shards: int | None = None,
-                 dtype=torch.float32, device=None):
+                 sequence_parallel: bool = False, dtype=torch.float32, device=None):
         """max_shards: split `out` into at most this many slices, each held by tp / max_shards ranks
         when tp is larger (ShardSpec.max_shards; the caller sums the replicas' gradients)."""
         super().__init__()
-        self.tp_group = tp_group
+        assert not (sequence_parallel and gather_output), "SP: the output's s is whole, gather_output would not be"
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         tp, tp_rank = comm.group_size(tp_group), comm.group_rank(tp_group)
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
         spec = ShardSpec((out_features, in_features), tp_dim=0, tp_rank=tp_rank, tp_size=tp, max_shards=max_shards)
@@ -76,19 +96,27 @@ class ColumnParallelLinear(nn.Module):
             if bias else None
         )
 
+    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as this layer's local matmul takes it, [b, s, in] (for callers that apply the weight
+        themselves: SwiGLU's regrouped rows, the QKV replicas' summed gradients)."""
+        return _tp_input(x, self.tp_group, self.sequence_parallel)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp_region(x, self.tp_group), self.weight, self.bias)
+        y = F.linear(self.parallel_input(x), self.weight, self.bias)
         return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split along input features. Input [..., in/tp] (input_is_parallel) or
-    [..., in] (scattered here) -> output [..., out], replicated on every TP rank."""
+    [..., in] (scattered here) -> output [..., out], replicated on every TP rank; with SP [b, s/tp, out],
+    this rank's positions."""
 
     def __init__(self, in_features: int, out_features: int, *, tp_group, init_method: InitFn,
-                 bias: bool = True, input_is_parallel: bool = True, dtype=torch.float32, device=None):
+                 bias: bool = True, input_is_parallel: bool = True, sequence_parallel: bool = False,
+                 dtype=torch.float32, device=None):
         super().__init__()
-        self.tp_group = tp_group
+        assert input_is_parallel or not sequence_parallel, "SP takes the input already split by features"
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         tp, tp_rank = comm.group_size(tp_group), comm.group_rank(tp_group)
         _check_divisible(in_features, tp, "input features")
         self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, input_is_parallel
@@ -101,8 +129,12 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.tp_group)
-        y = reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)
-        return y + self.bias if self.bias is not None else y
+        y = F.linear(x, self.weight)  # [b, s, out] partial sums over this rank's input features
+        if not self.sequence_parallel:
+            y = reduce_from_tp_region(y, self.tp_group)
+            return y + self.bias if self.bias is not None else y
+        y = reduce_scatter_to_sequence_parallel_region(y, self.tp_group)  # [b, s/tp, out]
+        return y + sum_grad_over_tp(self.bias, self.tp_group) if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -110,12 +142,14 @@ class VocabParallelEmbedding(nn.Module):
 
     `num_embeddings` is the padded vocab (divisible by tp); rows >= `logical_vocab_size` are padding:
     zero-initialised, never looked up, and masked out of the loss (cross_entropy.py).
+    With SP, ids [b, s] -> [b, s/tp, dim], this rank's positions.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group, init_method: InitFn,
-                 logical_vocab_size: int | None = None, dtype=torch.float32, device=None):
+                 logical_vocab_size: int | None = None, sequence_parallel: bool = False,
+                 dtype=torch.float32, device=None):
         super().__init__()
-        self.tp_group = tp_group
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.logical_vocab_size = logical_vocab_size or num_embeddings
         self.weight = _vocab_parallel_weight(num_embeddings, embedding_dim, tp_group, init_method,
@@ -127,26 +161,33 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        emb = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        emb = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, dim], own rows
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(emb, self.tp_group)
         return reduce_from_tp_region(emb, self.tp_group)
 
 
 class VocabParallelOutput(nn.Module):
     """An output layer of its own (untied from the word embedding): weight [V_padded, h] split along the
-    vocabulary like VocabParallelEmbedding (padding rows zero), hidden [..., h] -> local logits [..., V/tp]."""
+    vocabulary like VocabParallelEmbedding (padding rows zero), hidden [..., h] (with SP [b, s/tp, h]) ->
+    local logits [..., V/tp] (the whole sequence)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group, init_method: InitFn,
-                 logical_vocab_size: int | None = None, dtype=torch.float32, device=None):
+                 logical_vocab_size: int | None = None, sequence_parallel: bool = False,
+                 dtype=torch.float32, device=None):
         super().__init__()
-        self.tp_group = tp_group
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.weight = _vocab_parallel_weight(num_embeddings, embedding_dim, tp_group, init_method,
                                              logical_vocab_size, dtype, device)
         self.vocab_start = get_shard_spec(self.weight).offset
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return parallel_lm_logits(hidden, self.weight, self.tp_group)
+        return parallel_lm_logits(hidden, self.weight, self.tp_group, self.sequence_parallel)
 
 
-def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: torch.Tensor, tp_group) -> torch.Tensor:
-    """Output layer tied to the (vocab-sharded) input embedding: [..., h] -> local logits [..., V/tp]."""
-    return F.linear(copy_to_tp_region(hidden, tp_group), word_embeddings)
+def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: torch.Tensor, tp_group,
+                       sequence_parallel: bool = False) -> torch.Tensor:
+    """Output layer tied to the (vocab-sharded) input embedding: [..., h] -> local logits [..., V/tp].
+    With SP the hidden [b, s/tp, h] is all-gathered first; the logits are vocab-parallel, so the
+    gradient of the gathered hidden is a partial sum per rank and goes back reduce-scattered."""
+    return F.linear(_tp_input(hidden, tp_group, sequence_parallel), word_embeddings)
