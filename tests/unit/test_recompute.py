@@ -2,7 +2,8 @@
 the RNG streams after backward are bitwise those of the same computation without it (fp32, CPU), with
 dropout drawn from the ambient generator, from a forked stream and inside a fork; the kept inputs are
 the only saved tensors (device bytes, or host bytes under offload), partitioned across 2 gloo ranks or
-offloaded without changing a bit; recompute_spans follows Megatron's uniform / block methods.
+offloaded without changing a bit; ZeRO-3 keeps a recomputed block gathered for its backward;
+recompute_spans follows Megatron's uniform / block methods.
 """
 
 import dataclasses
@@ -210,3 +211,44 @@ def test_partitioned_inputs_on_two_ranks():
             _assert_same(r[name][1:], r["plain"][1:])
         assert r["chunk"].shape == (4,)
         assert torch.equal(r["restored"], torch.arange(7.0)) and r["restored"].requires_grad
+
+
+def _zero3_step(model: GPTModel):
+    """One microbatch forward/backward of `model` under ZeRO-3 (dp 1): the loss and, per
+    block bucket the gathers that started an all-gather (forward, recomputation, backward re-gather)."""
+    from megazero.config import OptimizerConfig, ZeroConfig
+    from megazero.topology import GridShape, Topology
+    from megazero.zero.engine import ZeroEngine
+
+    zero = ZeroEngine([model], Topology.build(GridShape(1), 0), ZeroConfig(stage=3), OptimizerConfig(lr=1e-3), CPU)
+    storage, started = zero.storage, []
+    gather, release = storage.gather, storage.release
+
+    def counted_gather(bucket, wait=True):
+        if bucket not in storage.gathered and bucket not in storage._inflight:
+            started.append(bucket)
+        return gather(bucket, wait)
+
+    def checked_release(bucket):
+        assert not recompute.recomputing(), "a block released inside its recomputation"
+        return release(bucket)
+
+    storage.gather, storage.release = counted_gather, checked_release
+    zero.start_step(1)
+    g = torch.Generator().manual_seed(22)
+    tokens, labels = torch.randint(0, 300, (2, 16), generator=g), torch.randint(0, 300, (2, 16), generator=g)
+    loss = model(tokens, labels).mean()
+    loss.backward()
+    zero.finish_grad_sync()
+    blocks = zero.stage3.block_buckets[0]
+    return loss.detach(), {b: started.count(b) for b in blocks}
+
+
+def test_zero3_keeps_recomputed_blocks_gathered_until_their_grads(tp_group):
+    loss, gathers = _zero3_step(_gpt(tp_group, FULL, {}, 0.1))
+    plain_loss, plain_gathers = _zero3_step(_gpt(tp_group, ActivationConfig(), {}, 0.1))
+    assert torch.equal(loss, plain_loss)
+    assert set(plain_gathers.values()) == {2}  # forward, then again for backward
+    # forward, then the recomputation, kept for backward (no re-gather; no forward prefetch of block
+    # i+1 while recomputing block i: its backward is done, that would be a third)
+    assert set(gathers.values()) == {2}
