@@ -242,7 +242,8 @@ FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
         flag("--no-csv", dest="logging.no_csv", action="store_true",
              help="do not write training_metrics.csv / validation_metrics.csv"),
         flag("--log-memory", dest="logging.log_memory", action="store_true",
-             help="per-rank bytes in parameters, gradients and optimizer state"),
+             help="per-rank bytes in parameters, gradients and optimizer state, and saved for backward "
+                  "(activations: per layer, per microbatch, the step's peak)"),
         flag("--log-comm", dest="logging.log_comm", action="store_true",
              help="per-rank bytes moved by each collective per step"),
         flag("--timeline-out", dest="logging.timeline_out",

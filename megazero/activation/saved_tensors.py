@@ -20,7 +20,8 @@ uses (the executor's scopes plus `label_layers` on the transformer blocks):
     (microbatch, layer)      what block `layer` (global number) saved in microbatch's forward; under full
                              recomputation the kept input of a checkpointed span counts toward the span's
                              first layer (it is that block's input storage; a host or partitioned copy
-                             of it is a new storage and counts as "other")
+                             of it counts there too when made with `derived_from` / mark_host(source=),
+                             else as "other")
     (microbatch, "other")    the rest of a chunk's forward: embedding, final norm, output layer, loss
     ("recompute", layer)     saved during backward by the recomputation of block `layer` (full: the
                              block's forward re-run; selective: its core attention / activation), all
@@ -39,12 +40,25 @@ import torch
 from torch import nn
 
 _HOST_MARK = "_megazero_host_activation"
+_SOURCE = "_megazero_activation_source"  # storage key of the tensor a kept copy was made from
 RECOMPUTE = "recompute"  # first element of the labels of what backward saves
 
 
-def mark_host(t: torch.Tensor) -> torch.Tensor:
-    """Declare `t` an activation kept in host memory (offload): the meter counts it as host bytes."""
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+
+def mark_host(t: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+    """Declare `t` an activation kept in host memory (offload): the meter counts it as host bytes
+    (attributed as `source`'s storage would be, when given: see derived_from)."""
     setattr(t, _HOST_MARK, True)
+    return t if source is None else derived_from(t, source)
+
+
+def derived_from(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Declare `t` a kept copy (or slice) of `source`: a checkpoint keeping it instead of a block's input
+    gets the bytes attributed to that block's label."""
+    setattr(t, _SOURCE, _storage_key(source))
     return t
 
 
@@ -86,7 +100,7 @@ class SavedTensorMeter:
         if _is_parameter(t):
             return _Packed(t, None, self)
         storage = t.untyped_storage()
-        key = (t.device.type, t.device.index, storage.data_ptr())
+        key = (t.device.type, t.device.index, storage.data_ptr())  # _storage_key, inlined (every save)
         if key in self._refs:
             self._refs[key] += 1
         else:
@@ -94,8 +108,10 @@ class SavedTensorMeter:
             self._refs[key], self._size[key] = 1, nbytes
             label = self.label
             if self._block_inputs:
-                entry = self._block_inputs.get(key)
-                if entry is not None and entry[0]() is not None:  # still that tensor (pointers get reused)
+                source = getattr(t, _SOURCE, key)
+                entry = self._block_inputs.get(source)
+                x = entry[0]() if entry is not None else None
+                if x is not None and x.untyped_storage().data_ptr() == source[2]:  # still that tensor's storage
                     label = entry[1]
             if getattr(t, _HOST_MARK, False):
                 self._host.add(key)
@@ -166,8 +182,7 @@ class SavedTensorMeter:
                 self.label = (RECOMPUTE if outer[0] == RECOMPUTE else outer[0], layer)
                 x = args[0] if args else None
                 if isinstance(x, torch.Tensor) and outer[0] != RECOMPUTE:
-                    key = (x.device.type, x.device.index, x.untyped_storage().data_ptr())
-                    self._block_inputs[key] = (weakref.ref(x), self.label)
+                    self._block_inputs[_storage_key(x)] = (weakref.ref(x), self.label)
         return enter
 
     def _leave_layer_hook(self, layer: int):

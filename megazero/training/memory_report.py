@@ -72,7 +72,8 @@ class MemoryAccounting:
     def __init__(self, chunks, zero, topo: Topology, device: torch.device):
         self.zero, self.topo, self.device = zero, topo, device
         self.meter = SavedTensorMeter()
-        self.meter.label_layers({int(k): blk for c in chunks for k, blk in getattr(c, "layers", {}).items()})
+        self.hook_handles = self.meter.label_layers(
+            {int(k): blk for c in chunks for k, blk in getattr(c, "layers", {}).items()})
         self.activation_bytes = 0  # max over the run's steps of the per-step peak
         self.activation_host_bytes = 0
         self.logged_labels: dict = {}
