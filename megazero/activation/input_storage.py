@@ -42,17 +42,22 @@ class InputStorage:
 
 
 class KeptInputs:
-    """One checkpoint's inputs as kept: `tensors` go to ctx.save_for_backward; `restore(saved)` gives
-    the inputs back (detached, requiring grad as the originals) for the recomputation."""
+    """How one checkpoint's inputs are kept. `keep(inputs)` returns the tensors to hand to
+    ctx.save_for_backward (held nowhere else: autograd, and so the meter, owns their lifetime);
+    `restore(saved)` gives the inputs back (detached, requiring grad as the originals) for the
+    recomputation."""
 
-    def __init__(self, inputs: tuple[torch.Tensor, ...], storage: InputStorage):
+    def __init__(self, storage: InputStorage):
         self.storage = storage
-        self.meta = [(x.shape, x.device, x.requires_grad) for x in inputs]
         group = storage.partition_group
         self.partitioned = group is not None and comm.group_size(group) > 1
-        kept = [self._chunk(x) for x in inputs] if self.partitioned else list(inputs)
-        self.tensors = [self._to_host(t) for t in kept] if storage.offload else kept
+        self.meta: list[tuple[torch.Size, torch.device, bool]] = []  # per input: shape, device, requires_grad
         self._fetched: tuple[list[torch.Tensor], object] | None = None  # prefetched device copies, stream
+
+    def keep(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        self.meta = [(x.shape, x.device, x.requires_grad) for x in inputs]
+        kept = [self._chunk(x) for x in inputs] if self.partitioned else list(inputs)
+        return [self._to_host(t) for t in kept] if self.storage.offload else kept
 
     def _chunk(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's chunk of x flattened and padded: [ceil(numel / n)] (a copy: x itself can go)."""

@@ -82,8 +82,8 @@ class _Checkpoint(torch.autograd.Function):
         snapshot = rng.snapshot() if rng is not None else None
         with torch.no_grad():
             outputs = fn(*inputs)
-        kept = KeptInputs(inputs, storage)
-        ctx.save_for_backward(*kept.tensors)  # after offload: the host copies (marked as host bytes)
+        kept = KeptInputs(storage)
+        ctx.save_for_backward(*kept.keep(inputs))  # the inputs, their chunks or host copies (host bytes)
         # consecutive spans: this input is the previous checkpoint's output, so its backward node is that
         # checkpoint's ctx; our backward (which runs just before its own) starts its input's copy back
         previous = inputs[0].grad_fn if isinstance(inputs[0].grad_fn, _Checkpoint._backward_cls) else None

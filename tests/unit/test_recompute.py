@@ -196,9 +196,10 @@ def _partitioned(rank, world_size):
         out[name] = _blocks_forward(group, act)
     # numel not a multiple of the group: the last rank's chunk is padded, the gather trims it
     x = torch.arange(7.0, requires_grad=True)
-    kept = input_storage.KeptInputs((x,), input_storage.InputStorage(partition_group=group))
-    out["chunk"] = kept.tensors[0]
-    out["restored"] = kept.restore(tuple(kept.tensors))[0]
+    kept = input_storage.KeptInputs(input_storage.InputStorage(partition_group=group))
+    saved = tuple(kept.keep((x,)))
+    out["chunk"] = saved[0]
+    out["restored"] = kept.restore(saved)[0]
     return out
 
 
