@@ -104,7 +104,8 @@ class _Checkpoint(torch.autograd.Function):
             outputs = replay.fn(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if pairs:  # (none: no output reached the loss)
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, None, None, *(x.grad if x.requires_grad else None for x in inputs))
 
 
