@@ -8,7 +8,8 @@ DeepSpeed's activation_checkpointing options, as InputStorage:
   (sequence parallelism: config.py refuses the combination).
 - offload (cpu_checkpointing, --cpu-offload-activations): what is kept (the input, or its chunk) is a
   host copy (pinned with CUDA), marked with saved_tensors.mark_host so the meter counts it as host
-  bytes; it is copied back when the recomputation needs it, or earlier when `prefetch` started the copy
+  bytes (and, like a chunk via derived_from, toward the label of the input it stands for); it is
+  copied back when the recomputation needs it, or earlier when `prefetch` started the copy
   (on a side CUDA stream; on CPU the host copy is the tensor used).
 - synchronize (synchronize_checkpoint_boundary): torch.cuda.synchronize at each checkpoint's forward
   and recomputation (a profiling aid; nothing on CPU).
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from megazero import comm
-from megazero.activation.saved_tensors import mark_host
+from megazero.activation.saved_tensors import derived_from, mark_host
 
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}  # per CUDA device: host -> device copies
 
@@ -56,8 +57,9 @@ class KeptInputs:
 
     def keep(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         self.meta = [(x.shape, x.device, x.requires_grad) for x in inputs]
-        kept = [self._chunk(x) for x in inputs] if self.partitioned else list(inputs)
-        return [self._to_host(t) for t in kept] if self.storage.offload else kept
+        kept = [derived_from(self._chunk(x), x) for x in inputs] if self.partitioned else list(inputs)
+        # the meter attributes a chunk or host copy as it would the input (its block's label)
+        return [self._to_host(t, x) for t, x in zip(kept, inputs)] if self.storage.offload else kept
 
     def _chunk(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's chunk of x flattened and padded: [ceil(numel / n)] (a copy: x itself can go)."""
@@ -70,13 +72,13 @@ class KeptInputs:
         return chunk
 
     @staticmethod
-    def _to_host(t: torch.Tensor) -> torch.Tensor:
+    def _to_host(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         if t.device.type == "cuda":
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)  # ordered on the compute stream; prefetch waits for it
         else:
             host = t.detach().clone()  # a CPU run keeps a separate host copy too (the same bytes counted)
-        return mark_host(host)
+        return mark_host(host, source=source)
 
     def prefetch(self, saved: tuple[torch.Tensor, ...]) -> None:
         """Start copying the offloaded tensors back to their device (async on CUDA) ahead of `restore`."""
