@@ -100,9 +100,10 @@ def _run_config(row: Row) -> RunConfig:
                                              virtual_pipeline_model_parallel_size=row.lay.vp if row.lay.vp > 1 else None))
 
 
-def measure(rank: int, world: int, row: Row, steps: int = 1) -> dict:
-    """One rank of `row`: build its chunks and executor as the Trainer does, run `steps` training steps
-    with the meter recording around the schedule; returns this rank's peaks and step times."""
+def _setup(rank: int, world: int, row: Row):
+    """Build this rank's chunks and executor for `row` as the Trainer does; returns step() -> (peak,
+    host peak, seconds) of one training step with the meter recording around the schedule, and the
+    rank's pipeline stage."""
     from megazero.pipeline_parallel.executor import PipelineExecutor
     from megazero.pipeline_parallel.p2p import PipelineP2P
     from megazero.pipeline_parallel.schedules import build_plan
@@ -110,32 +111,51 @@ def measure(rank: int, world: int, row: Row, steps: int = 1) -> dict:
     from megazero.topology import GridShape, Topology
     from megazero.training.model_builder import build_model_chunks
 
-    cfg = _run_config(row)
+    cfg, lay = _run_config(row), row.lay
     cpu = torch.device("cpu")
-    topo = Topology.build(GridShape(world, tp=row.lay.tp, pp=row.lay.pp), rank)
+    topo = Topology.build(GridShape(world, tp=lay.tp, pp=lay.pp), rank)
     rng = RNGStreams(1234, topo.tp_rank, topo.pp_rank, cpu)
     chunks = build_model_chunks(cfg, topo, rng, cpu)
     chunks.train()
-    p2p = PipelineP2P.for_chunks(list(chunks), row.lay.micro_batch_size, topo.pp_ranks, topo.pp_rank, topo.pp_group,
-                                 cpu) if row.lay.pp > 1 else None
+    p2p = PipelineP2P.for_chunks(list(chunks), lay.micro_batch_size, topo.pp_ranks, topo.pp_rank, topo.pp_group,
+                                 cpu) if lay.pp > 1 else None
     executor = PipelineExecutor(list(chunks), topo.pp_rank, topo.pp, p2p, input_key="tokens")
-    plan = build_plan(topo.pp_rank, topo.pp, row.lay.vp, row.lay.num_microbatches)
+    plan = build_plan(topo.pp_rank, topo.pp, lay.vp, lay.num_microbatches)
     meter = SavedTensorMeter()
     g = torch.Generator().manual_seed(7)
-    s, v = cfg.model.seq_length, cfg.model.vocab_size
-    peaks, hosts, times = [], [], []
-    for _ in range(steps):
-        batches = [{"tokens": torch.randint(0, v, (row.lay.micro_batch_size, s), generator=g),
-                    "labels": torch.randint(0, v, (row.lay.micro_batch_size, s), generator=g)} for _ in range(row.lay.num_microbatches)]
+    shape, v = (lay.micro_batch_size, cfg.model.seq_length), cfg.model.vocab_size
+
+    def step() -> tuple[int, int, float]:
+        batches = [{"tokens": torch.randint(0, v, shape, generator=g), "labels": torch.randint(0, v, shape, generator=g)}
+                   for _ in range(lay.num_microbatches)]
         meter.reset_peak()
         start = time.perf_counter()
         with meter.recording():
             executor.run(plan, batches, lambda chunk, x, b: chunk(x, b["labels"]).mean())
-        times.append(time.perf_counter() - start)
-        peaks.append(meter.peak_bytes)
-        hosts.append(meter.host_peak_bytes)
+        seconds = time.perf_counter() - start
         chunks.zero_grad(set_to_none=True)
-    return {"pp_rank": topo.pp_rank, "peak": max(peaks), "host": max(hosts), "times": times}
+        return meter.peak_bytes, meter.host_peak_bytes, seconds
+    return step, topo.pp_rank
+
+
+def measure(rank: int, world: int, row: Row) -> dict:
+    """One rank of `row`: the peaks of one training step."""
+    step, pp_rank = _setup(rank, world, row)
+    peak, host, _ = step()
+    return {"pp_rank": pp_rank, "peak": peak, "host": host}
+
+
+def measure_times(rank: int, world: int, rows: list[Row], steps: int) -> list[list[float]]:
+    """Step times of `rows` (same world), their steps taken in turn so load changes hit all alike; one
+    warm-up step each first."""
+    steppers = [_setup(rank, world, row)[0] for row in rows]
+    for step in steppers:
+        step()
+    times: list[list[float]] = [[] for _ in rows]
+    for _ in range(steps):
+        for i, step in enumerate(steppers):
+            times[i].append(step()[2])
+    return times
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, rows: list[Row], steps: int) -> None:
@@ -143,14 +163,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str, rows: list[Row], ste
     torch.set_num_threads(1 if world > 1 else 2)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = [measure(rank, world, row, steps) for row in rows]
+        results = measure_times(rank, world, rows, steps) if steps else [measure(rank, world, row) for row in rows]
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_rows(rows: list[Row], steps: int = 1) -> list[list[dict]]:
-    """Measure rows of one world size in one launch; returns per row the per-rank results."""
+def run_rows(rows: list[Row], steps: int = 0) -> list[list]:
+    """Measure rows of one world size in one launch; returns per row the per-rank results (peaks, or
+    with `steps` the step times)."""
     world = rows[0].world
     assert all(r.world == world for r in rows)
     with socket.socket() as sock:
@@ -195,8 +216,9 @@ def memory_table(rows: list[Row]) -> bool:
         meas_first = max(r["peak"] for r in ranks if r["pp_rank"] == 0)
         paper = mm.paper_first_stage_bytes(m, act, lay) * mm.DTYPE_BYTES[row.lay.dtype] / 2  # 16-bit -> our dtype
         ratio = model_max / meas_max
-        ok &= abs(ratio - 1) <= 0.05 and abs(model_first / meas_first - 1) <= 0.05
         host = max(r["host"] for r in ranks)
+        ok &= abs(ratio - 1) <= 0.05 and abs(model_first / meas_first - 1) <= 0.05
+        ok &= host == max(mm.rank_memory(m, act, lay, r).host_peak_bytes for r in range(lay.pp))
         extra = f" (+{host / 2**20:.2f} host)" if host else ""
         print(f"| {row.name} | {_mib(model_max)} | {_mib(meas_max)}{extra} | {model_max - meas_max} ({ratio:.3f}) | "
               f"{_mib(model_first)} / {_mib(meas_first)} | {_mib(paper)} | "
@@ -229,9 +251,9 @@ def bounds(rows: list[Row]) -> bool:
 
 def timing_table(steps: int) -> None:
     """no / selective / full recomputation on GPT-2 tp1 (one process, two threads), one launch: each
-    layout's steps in turn after a warm-up step."""
+    layout's step in turn, after a warm-up step each."""
     rows = [Row(f"gpt2 tp1 {name}", act=act) for name, act in (("none", {}), ("selective", SEL), ("full", FULL))]
-    results = [r[0]["times"][1:] for r in run_rows(rows, steps=steps + 1)]  # first step: warm-up
+    results = [r[0] for r in run_rows(rows, steps=steps)]
     base = statistics.median(results[0])
     print("\n| recomputation | step s (median) | vs none |")
     print("|---|---|---|")

@@ -152,14 +152,17 @@ def _core_attention(sh: _Shapes, q, k, v, backend: str) -> tuple[Seg, bool]:
                 seg.save(key, nbytes)
             seg.save("attn.out", basd * e).save("attn.lse", b * a * s * FP32)
             return seg, True
-        # CPU math path (fp32 whatever the dtype): scaled q, k^T, v; softmax, mask, dropped probs
-        for name in ("q_scaled", "kt_scaled", "v"):
-            seg.save("attn." + name, basd * FP32)
+        # CPU math path (fp32 whatever the dtype): scaled q, k^T, v; softmax, mask, dropped probs.
+        # v is reshaped to [b * a, s, d]: a copy, except with one local head (a view of v's storage)
+        seg.save("attn.q_scaled", basd * FP32).save("attn.kt_scaled", basd * FP32)
+        seg.save(*(v if a == 1 and e == FP32 else ("attn.v", basd * FP32)))
         for name in ("softmax", "dropout_mask", "dropped"):
             seg.save("attn." + name, bass * FP32)
         return seg, False
     # fused / unfused: the reference on CPU; on CUDA the fused kernel keeps only its e-dtype output
-    seg.save("attn.q_mm", basd * e).save("attn.kt_mm", basd * e)
+    # matmul folds [b, a] to one batch dim: copies of q, k^T and v, except with one local head (views)
+    single = a == 1
+    seg.save(*(q if single else ("attn.q_mm", basd * e))).save(*(k if single else ("attn.kt_mm", basd * e)))
     if backend == "fused" and sh.cuda and s <= 4096 and sh.m.fused_kernels:
         seg.save("attn.probs", bass * e)
     else:
@@ -168,7 +171,7 @@ def _core_attention(sh: _Shapes, q, k, v, backend: str) -> tuple[Seg, bool]:
             seg.save("attn.probs", bass * e)  # the cast, kept by probs @ v
     if sh.attn_p > 0:
         seg.save("attn.dropout_mask", bass * sh.mask_bytes).save("attn.dropped", bass * e)
-    seg.save("attn.v_mm", basd * e)
+    seg.save(*(v if single else ("attn.v_mm", basd * e)))
     return seg, False
 
 
@@ -288,8 +291,9 @@ def chunk_segments(m: ModelConfig, act: ActivationConfig, lay: Layout, layers: r
             kept_bytes = -(-x_bytes // sh.e // lay.tp) * sh.e if partitioned else x_bytes
             if partitioned or host:
                 kept = x_key + ("kept",)
-            # the recomputation reads the kept tensor itself (same storage) unless it is all-gathered
-            # or, on CUDA, copied back from host memory
+            # the recomputation reads the kept tensor itself (same storage: on CPU the host copy too)
+            # unless it is all-gathered or, on CUDA, copied back from host memory
+            recompute_input = kept
             if partitioned or (host and sh.cuda):
                 recompute_input = x_key + ("restored",)
         for i in span:
