@@ -7,7 +7,8 @@ measured peak (max over ranks, and the first stage's), their ratio, and the pape
 et al. 2022; 16-bit activations, 1-byte dropout masks, so on an fp32 run it is scaled x2 to compare
 shapes, not bytes). Then the checks: model within 5% of measured on every row; full recomputation keeps
 <= 2sbh-equivalent per layer; tp4 + SP keeps <= 1/4 of tp1's bytes in the sharded (norm / dropout /
-residual) regions. Last, the step time of no / selective / full recomputation on one layout, in one run.
+residual, column-parallel input) regions. Last, the step time of no / selective / full recomputation on
+one layout, in one run.
 
     python bench/activation_memory.py              # the grid + timing, about 2-3 minutes on 2 cores
     python bench/activation_memory.py --rows gpt2  # rows whose name contains "gpt2"
@@ -190,9 +191,10 @@ def _mib(n: float) -> str:
 
 
 def sharded_region_bytes(row: Row) -> int:
-    """Bytes of one layer in the regions SP shards (norm inputs / statistics, dropout masks), modelled."""
+    """Bytes of one layer in the regions SP shards (norm inputs / statistics, dropout masks, the QKV and
+    fc1 input shards; fc1's SwiGLU weight copy is 1/tp by TP), modelled."""
     m, act, lay = row.configs()
-    names = ("input_norm", "attention_dropout", "post_attention_norm", "mlp_dropout")
+    names = ("input_norm", "qkv", "attention_dropout", "post_attention_norm", "fc1", "mlp_dropout")
     return sum(n for seg, n in mm.layer_breakdown(m, act, lay) if seg in names)
 
 

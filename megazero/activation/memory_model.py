@@ -24,9 +24,9 @@ Where our tensors differ from the paper's (all measured on CPU, torch 2.13):
   storage (MHA with sdpa keeps exactly q, k and v that way).
 - SwiGLU's F.linear keeps the regrouped copy of the local gate/up weight [2 ffn/tp, h]: per microbatch.
 - rope keeps its cos / sin tables [s, rotated] fp32, cached per layer: shared by the microbatches.
-- Sequence parallelism: norms, dropouts and the residual stream are [b, s/tp, h], but the column-parallel
-  layers keep the all-gathered [b, s, h] input (Megatron keeps the shard and gathers again in backward;
-  megazero does not), so tp + SP saves 2 (norm outputs) x sbh more per layer than the paper's sbh/t x 34.
+- Sequence parallelism: norms, dropouts and the residual stream are [b, s/tp, h]; the column-parallel
+  layers (QKV, fc1, the output layer) keep their [b, s/tp, h] input shard, as Megatron does, and gather it
+  again in backward (linear_with_sequence_parallel); nothing keeps the gathered [b, s, h] tensor.
 - The vocab-parallel cross entropy keeps its fp32 softmax [b, s, V/tp], the ids and a bool mask.
 CUDA-only paths (bool masks, fp32 norm statistics, fused kernels, grouped sdpa, the offload prefetch)
 follow torch's and megatron_kernels' code and are unverified here: no GPU measured them.
@@ -180,11 +180,12 @@ def _layer(sh: _Shapes, x_key, x_bytes: int, selective: bool) -> list[Seg]:
     the block (the caller prefixes them)."""
     m, b, s, s_r, h, e = sh.m, sh.b, sh.s, sh.s_r, sh.h, sh.e
     segs = []
-    # input norm (residual-stream rows: s/tp under SP) and the QKV input (all-gathered to s under SP)
+    # input norm and the QKV input, the norm's output: residual-stream rows (under SP the [b, s/tp, h]
+    # shard; the QKV gathers it for the matmul and again in backward, keeping neither gathered copy)
     seg = Seg("input_norm")
     _norm(sh, seg, x_key, x_bytes, b * s_r, h, m.normalization, "ln1")
     segs.append(seg)
-    segs.append(Seg("qkv").save("ln1.out_full", b * s * h * e))
+    segs.append(Seg("qkv").save("ln1.out", b * s_r * h * e))
     qkv = ("qkv", b * s * sh.qkv_width * e)
     # q is a view of the QKV output when one query head per group is used here (the reshape merges
     # (groups, heads per group) only then), else a copy; k, v are always views
@@ -221,8 +222,9 @@ def _layer(sh: _Shapes, x_key, x_bytes: int, selective: bool) -> list[Seg]:
     seg = Seg("post_attention_norm")
     _norm(sh, seg, "x1", b * s_r * h * e, b * s_r, h, m.normalization, "ln2")
     segs.append(seg)
-    # MLP: fc1 keeps its (gathered) input; SwiGLU also the regrouped local weight [2 ffn/tp, h]
-    seg = Seg("fc1").save("ln2.out_full", b * s * h * e)
+    # MLP: fc1 keeps its input (the [b, s/tp, h] shard under SP); SwiGLU also the regrouped local
+    # weight [2 ffn/tp, h]
+    seg = Seg("fc1").save("ln2.out", b * s_r * h * e)
     if m.swiglu:
         seg.save("swiglu.weight", 2 * sh.f_l * h * e)
     segs.append(seg)
@@ -263,11 +265,11 @@ def _embedding(sh: _Shapes) -> Seg:
 
 
 def _head(sh: _Shapes, x_key, x_bytes: int) -> list[Seg]:
-    """Final norm, the output layer's (gathered) input, the cross entropy's fp32 softmax and ids."""
+    """Final norm, the output layer's input (the shard under SP), the cross entropy's fp32 softmax and ids."""
     b, s, h = sh.b, sh.s, sh.h
     seg = Seg("final_norm")
     _norm(sh, seg, x_key, x_bytes, b * sh.s_r, h, sh.m.normalization, "lnf")
-    out = Seg("output_layer").save("lnf.out_full", b * s * h * sh.e)
+    out = Seg("output_layer").save("lnf.out", b * sh.s_r * h * sh.e)
     ce = (Seg("cross_entropy").save("ce.softmax", b * s * sh.v_l * FP32)
           .save("ce.target", b * s * INT64).save("ce.outside", b * s * BOOL))
     return [seg, out, ce]

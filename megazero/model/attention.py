@@ -108,7 +108,7 @@ class SelfAttention(nn.Module):
         weight = sum_grad_over_tp(weight, self.tp_group, self.num_slices, self.slice_index)
         if bias is not None:
             bias = sum_grad_over_tp(bias, self.tp_group, self.num_slices, self.slice_index)
-        return F.linear(self.query_key_value.parallel_input(x), weight, bias)
+        return self.query_key_value.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, s, h] (sequence parallel: [b, s/tp, h]) -> the same shape. From the QKV projection on

@@ -81,7 +81,7 @@ class MLP(nn.Module):
         rows, h = lin.weight.shape  # [2 * ffn/tp, h]
         weight = lin.weight.view(rows // 2, 2, h).transpose(0, 1).reshape(rows, h)
         bias = None if lin.bias is None else lin.bias.view(rows // 2, 2).t().reshape(rows)
-        gate, up = F.linear(lin.parallel_input(x), weight, bias).chunk(2, dim=-1)  # [b, s, ffn/tp] each
+        gate, up = lin.linear(x, weight, bias).chunk(2, dim=-1)  # [b, s, ffn/tp] each
         return self.dense_4h_to_h(self._activation(_swiglu, gate, up))
 
     def _activation(self, fn, *inputs: torch.Tensor) -> torch.Tensor:

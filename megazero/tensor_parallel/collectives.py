@@ -14,13 +14,23 @@ norm / dropout regions hold [b, s/tp, h] (rank r: positions [r*s/tp, (r+1)*s/tp)
 | gather_from_sequence_parallel_region | all-gather along s           | reduce-scatter along s (*)         |
 | reduce_scatter_to_sequence_parallel_region | reduce-scatter along s | all-gather along s                 |
 | sum_grad_over_tp                  | identity                        | all-reduce (sum) of the gradient   |
+| linear_with_sequence_parallel     | all-gather along s, x W^T + b   | all-gather x again, reduce-scatter |
+|                                   | (keeps the [b, s/tp, in] shard) | grad_x along s (**)                |
 
-(*) The SP gather feeds a TP-parallel consumer (column-parallel linear, the vocab-parallel output
-layer): each rank's gradient of the gathered [b, s, h] is a partial sum over its own columns, so the
-backward sums them and keeps this rank's s chunk (reduce-scatter), as copy_to_tp_region's all-reduce
-does without SP. With `tensor_parallel_output_grad=False` the consumer is replicated (every rank
-computes the same thing from the full sequence, so the gradient is already the full one on every
-rank) and the backward only keeps this rank's chunk (Megatron's flag of the same name).
+(*) By default the SP gather feeds a TP-parallel consumer (a column-parallel matmul; the layers use
+linear_with_sequence_parallel for theirs, which gathers itself: **): each rank's gradient of the
+gathered [b, s, h] is a partial sum over its own columns, so the backward sums them and keeps this
+rank's s chunk (reduce-scatter), as copy_to_tp_region's all-reduce does without SP. With
+`tensor_parallel_output_grad=False` the consumer is replicated (every rank computes the same thing
+from the full sequence, so the gradient is already the full one on every rank) and the backward only
+keeps this rank's chunk (Megatron's flag of the same name).
+
+(**) The column-parallel matmul under SP as one function (Megatron's
+LinearWithGradAccumulationAndAsyncCommunication with sequence_parallel). The SP gather then F.linear
+would let F.linear save the gathered [b, s, in] input for its weight gradient, tp times
+the shard; this saves the shard and all-gathers it again in backward, started before grad_x = g W so
+the two overlap, then reduce-scatters grad_x while grad_W = g^T x is computed. The price: one more
+all-gather per column-parallel layer in backward, for (1 - 1/tp) b s in elements less kept.
 
 sum_grad_over_tp is for parameters replicated over TP whose ranks see different data: norm weights and
 row-parallel biases in the SP region (each rank its own positions), q/k norms (each rank its heads),
@@ -34,6 +44,7 @@ TP traffic is the cost anyway).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from megazero import comm
 
@@ -49,24 +60,43 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(world, dim=dim)[comm.group_rank(group)].contiguous()
 
 
+def _gather_start(x: torch.Tensor, dim: int, group):
+    """Start all-gathering `x` along `dim` (world > 1): returns the [world*n, ...] buffer, `dim` moved to
+    the front (gloo gathers along dim 0 only), and the handle; `_finish` waits and moves `dim` back."""
+    front = x.movedim(dim, 0).contiguous()  # [n, ...]
+    out = front.new_empty((front.shape[0] * comm.group_size(group), *front.shape[1:]))
+    return out, comm.all_gather_async(out, front, group)
+
+
+def _reduce_scatter_start(x: torch.Tensor, dim: int, group):
+    """Start a sum reduce-scatter of `x` along `dim` (world > 1): returns the [n/world, ...] buffer, `dim`
+    in front, and the handle."""
+    world = comm.group_size(group)
+    assert x.shape[dim] % world == 0, f"dim {dim} of size {x.shape[dim]} not divisible by tp {world}"
+    front = x.movedim(dim, 0).contiguous()  # [n, ...]
+    out = front.new_empty((front.shape[0] // world, *front.shape[1:]))
+    return out, comm.reduce_scatter_async(out, front, group)
+
+
+def _finish(front: torch.Tensor, handle, dim: int) -> torch.Tensor:
+    """Wait for a started gather / reduce-scatter; its buffer with the front dim moved back to `dim`."""
+    if handle is not None:
+        handle.wait()
+    return front.movedim(0, dim).contiguous()
+
+
 def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Every rank's `x` concatenated along `dim` (rank order): [.., n, ..] -> [.., world*n, ..]."""
     if comm.group_size(group) == 1:
         return x
-    gathered = comm.all_gather_dim0(x.movedim(dim, 0), group)  # [world*n, ...]
-    return gathered.movedim(0, dim).contiguous()
+    return _finish(*_gather_start(x, dim, group), dim)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Sum over the ranks, keep this rank's chunk of `dim`: [.., n, ..] -> [.., n/world, ..]."""
-    world = comm.group_size(group)
-    if world == 1:
+    if comm.group_size(group) == 1:
         return x
-    assert x.shape[dim] % world == 0, f"dim {dim} of size {x.shape[dim]} not divisible by tp {world}"
-    front = x.movedim(dim, 0).contiguous()  # [n, ...]
-    out = front.new_empty((front.shape[0] // world, *front.shape[1:]))
-    comm.reduce_scatter_async(out, front, group).wait()
-    return out.movedim(0, dim).contiguous()
+    return _finish(*_reduce_scatter_start(x, dim, group), dim)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -151,6 +181,46 @@ class _SumGradOverTP(torch.autograd.Function):
         return buf[ctx.slice_index], None, None, None
 
 
+class _LinearWithSequenceParallel(torch.autograd.Function):
+    """y = gather_s(x) W^T + b for x [b, s/tp, in], W [out_local, in] (a parameter or a tensor derived
+    from one), y [b, s, out_local]; saves x's shard and W, not the gathered input (table note **).
+
+    Backward, g = dL/dy [b, s, out_local]: start the all-gather of x; grad_x = g W [b, s, in] (a partial
+    sum over this rank's output columns); wait; start reduce-scatter of grad_x along s -> [b, s/tp, in];
+    grad_W = g^T x_full and grad_b = sum of g over b, s (F.linear's backward: the same mm on the same
+    [b*s, .] operands, so the gradients are those of F.linear on the gathered input); wait."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group = group
+        ctx.save_for_backward(x, weight)
+        return F.linear(_gather(x, SEQ_DIM, group), weight, bias)  # the gathered input is freed here
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        group, distributed = ctx.group, comm.group_size(ctx.group) > 1
+        out = grad.shape[-1]
+        grad_2d = grad.reshape(-1, out)  # [b*s, out_local]
+        if need_w:  # overlaps the grad_x matmul
+            gathering = _gather_start(x, SEQ_DIM, group) if distributed else None
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = grad_2d.mm(weight).view(*grad.shape[:-1], weight.shape[1])  # [b, s, in]
+        if need_w:
+            x_full = _finish(*gathering, SEQ_DIM) if distributed else x  # [b, s, in]
+        if need_x and distributed:  # overlaps the grad_W matmul
+            scattering = _reduce_scatter_start(grad_x, SEQ_DIM, group)
+        if need_w:
+            grad_w = grad_2d.t().mm(x_full.reshape(-1, x_full.shape[-1]))  # [out_local, in]
+        if need_b:
+            grad_b = grad_2d.sum(0)
+        if need_x and distributed:
+            grad_x = _finish(*scattering, SEQ_DIM)  # [b, s/tp, in]
+        return grad_x, grad_w, grad_b, None
+
+
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     return _CopyToTP.apply(x, group)
 
@@ -181,6 +251,13 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, group, tensor_parallel
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """[b, s, h] partial sums -> [b, s/tp, h], the sum's positions of this rank."""
     return _ReduceScatterToSP.apply(x, group)
+
+
+def linear_with_sequence_parallel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group
+                                  ) -> torch.Tensor:
+    """x [b, s/tp, in] -> x_gathered W^T + b, [b, s, out_local]: a column-parallel matmul under SP that
+    keeps only x's shard for backward (its gradient goes back reduce-scattered along s)."""
+    return _LinearWithSequenceParallel.apply(x, weight, bias, group)
 
 
 def sum_grad_over_tp(param: torch.Tensor, group, num_slices: int = 1, slice_index: int = 0) -> torch.Tensor:

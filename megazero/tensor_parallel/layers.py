@@ -15,8 +15,10 @@ Partition math (W is the global weight of nn.Linear, shape [out, in]; y = x W^T 
 Sequence parallelism (`sequence_parallel=True`, Megatron's; collectives.py): the activations outside the
 TP regions are [b, s/tp, h], each rank its own positions. ColumnParallelLinear (and the vocab-parallel
 output layer) all-gathers its input along s instead of copy_to_tp_region (backward: reduce-scatter
-instead of all-reduce); RowParallelLinear and VocabParallelEmbedding reduce-scatter their output along s
-instead of all-reducing it: [b, s, out] partial sums -> [b, s/tp, out]. The row-parallel bias is then
+instead of all-reduce), through linear_with_sequence_parallel, which keeps only the [b, s/tp, in] shard
+for the weight gradient and gathers it again in backward; RowParallelLinear and VocabParallelEmbedding
+reduce-scatter their output along s instead of all-reducing it: [b, s, out] partial sums ->
+[b, s/tp, out]. The row-parallel bias is then
 added on the shard, so each rank sees the gradient of its positions only: sum_grad_over_tp adds them.
 Same bytes on the wire as the all-reduce (= reduce-scatter + all-gather), 1/tp of the activations.
 
@@ -33,8 +35,8 @@ from torch import nn
 from megazero import comm
 from megazero.tensor_parallel.collectives import (
     copy_to_tp_region,
-    gather_from_sequence_parallel_region,
     gather_from_tp_region,
+    linear_with_sequence_parallel,
     reduce_from_tp_region,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tp_region,
@@ -65,12 +67,15 @@ def _vocab_parallel_weight(num_embeddings: int, embedding_dim: int, tp_group, in
     return _make_param(spec, init_method, dtype, device)
 
 
-def _tp_input(x: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
-    """The input of a TP-parallel consumer as every rank needs it: [b, s, in] replicated (copy; the
-    gradient all-reduced) or, with SP, [b, s/tp, in] all-gathered to [b, s, in] (reduce-scattered back)."""
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp_group,
+                           sequence_parallel: bool) -> torch.Tensor:
+    """x W^T + b for a TP-parallel W [out_local, in] (a parameter or a tensor derived from one): x is
+    [b, s, in] replicated (copy; its gradient all-reduced) or, with SP, [b, s/tp, in], all-gathered along
+    s for the matmul with only the shard kept for backward (its gradient reduce-scattered back).
+    Returns [b, s, out_local]."""
     if sequence_parallel:
-        return gather_from_sequence_parallel_region(x, tp_group)
-    return copy_to_tp_region(x, tp_group)
+        return linear_with_sequence_parallel(x, weight, bias, tp_group)
+    return F.linear(copy_to_tp_region(x, tp_group), weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -96,13 +101,14 @@ class ColumnParallelLinear(nn.Module):
             if bias else None
         )
 
-    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x as this layer's local matmul takes it, [b, s, in] (for callers that apply the weight
-        themselves: SwiGLU's regrouped rows, the QKV replicas' summed gradients)."""
-        return _tp_input(x, self.tp_group, self.sequence_parallel)
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This layer's matmul (its input handling: copy, or SP's gather) with a weight / bias derived from
+        its own, for callers that transform them first: SwiGLU's regrouped rows, the QKV replicas' summed
+        gradients. x [b, s, in] ([b, s/tp, in] with SP) -> [b, s, rows of weight]."""
+        return column_parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self.parallel_input(x), self.weight, self.bias)
+        y = self.linear(x, self.weight, self.bias)
         return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
 
@@ -188,6 +194,7 @@ class VocabParallelOutput(nn.Module):
 def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: torch.Tensor, tp_group,
                        sequence_parallel: bool = False) -> torch.Tensor:
     """Output layer tied to the (vocab-sharded) input embedding: [..., h] -> local logits [..., V/tp].
-    With SP the hidden [b, s/tp, h] is all-gathered first; the logits are vocab-parallel, so the
-    gradient of the gathered hidden is a partial sum per rank and goes back reduce-scattered."""
-    return F.linear(_tp_input(hidden, tp_group, sequence_parallel), word_embeddings)
+    With SP the hidden [b, s/tp, h] is all-gathered for the matmul (only the shard kept for backward);
+    the logits are vocab-parallel, so the gradient of the gathered hidden is a partial sum per rank and
+    goes back reduce-scattered."""
+    return column_parallel_linear(hidden, word_embeddings, None, tp_group, sequence_parallel)

@@ -7,7 +7,8 @@
 - on gloo (one 4-process launch, several layouts in turn): every rank's step peak equals the model's
   for tp 4 + SP + selective with GQA groups shared by tp ranks, tp 2 + SP with pp 2 vp 2, and full
   recomputation with partitioned / offloaded inputs under pp 2.
-- the paper's formulas and the plan's in-flight counts (pure).
+- the paper's formulas and the plan's in-flight counts (pure); under SP the column-parallel inputs are
+  the shard, and the paper's accounting gives its 34sbh/t plus what the paper omits.
 
 Exact equality: the model enumerates what torch (2.13) saves op by op; a change in the block or in torch
 that saves something else shows here, and layer_breakdown says which segment to look at.
@@ -137,6 +138,29 @@ def test_paper_formulas():
     sel_sp = ActivationConfig(sequence_parallel=True, recompute_granularity="selective")
     assert mm.paper_layer_bytes(m, sel_sp, 4, 1) == 34 * sbh / 4
     assert mm.paper_layer_bytes(m, ActivationConfig(recompute_granularity="full"), 1, 1) == 2 * sbh
+
+
+def test_sequence_parallel_column_inputs_are_the_shard():
+    """Under SP the QKV, fc1 and output-layer matmuls keep their [b, s/tp, h] input shard, not the
+    gathered [b, s, h] (linear_with_sequence_parallel; the gloo test above checks it against the meter);
+    with the paper's accounting (bf16, CUDA: bool masks, flash attention, selective recomputation) the
+    layer is its 34sbh/t plus what the paper leaves out: fp32 norm statistics and flash's log-sum-exp."""
+    b, tp = 2, 4
+    for model in ({}, LLAMA):
+        m = ModelConfig(**{**TINY, **model})
+        act, lay = ActivationConfig(sequence_parallel=True), mm.Layout(tp=tp, micro_batch_size=b)
+        shard = b * m.seq_length // tp * m.hidden_size * 4
+        breakdown = dict(mm.layer_breakdown(m, act, lay))
+        swiglu_weight = 2 * m.ffn_size // tp * m.hidden_size * 4 if m.swiglu else 0
+        assert (breakdown["qkv"], breakdown["fc1"]) == (shard, shard + swiglu_weight), breakdown
+        head = dict((seg.name, seg.saves) for seg in mm.chunk_segments(m, act, lay, range(0), False, True))
+        assert head["output_layer"] == [(("head", "lnf.out"), shard, False)]
+    m = ModelConfig(**TINY)
+    act = ActivationConfig(sequence_parallel=True, recompute_granularity="selective")
+    lay = mm.Layout(tp=tp, micro_batch_size=b, dtype="bf16", device_type="cuda")
+    rows = b * m.seq_length // tp
+    norm_stats, lse = 2 * 2 * rows * 4, b * m.num_attention_heads // tp * m.seq_length * 4
+    assert mm.layer_bytes(m, act, lay) == mm.paper_layer_bytes(m, act, tp, b) + norm_stats + lse
 
 
 def test_full_recomputation_keeps_the_block_input_only():

@@ -4,6 +4,10 @@ at tp 2 and 4: each SP collective and SP layer vs its unsharded counterpart, for
 without it at the same tp (every test_tensor_parallel variant: GPT-2, Llama GQA / MQA, q/k norms, QKV
 bias, no positions), which test_tensor_parallel checks against tp 1.
 
+The SP column-parallel matmul (linear_with_sequence_parallel: ColumnParallelLinear, SwiGLU's regrouped
+weight, the QKV replicas, the output layer) keeps only its [b, s/tp, in] input shard for backward
+(SavedTensorMeter), not the gathered [b, s, in], and its gradients equal F.linear's on the gathered input.
+
 Activations are [b, s, h]; under SP rank r holds positions [r*s/tp, (r+1)*s/tp) ("chunk r along s").
 One 4-process launch runs every check for both sizes; the assertions run in pytest.
 """
@@ -11,13 +15,16 @@ One 4-process launch runs every check for both sizes; the assertions run in pyte
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from megazero.activation.saved_tensors import SavedTensorMeter
 from megazero.config import ActivationConfig, ModelConfig
 from megazero.model import GPTModel
 from megazero.model.norms import LayerNorm, RMSNorm
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.collectives import (
     gather_from_sequence_parallel_region,
+    linear_with_sequence_parallel,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
     sum_grad_over_tp,
@@ -124,6 +131,54 @@ def _check_row(g):
     return {"out": _rel(y, _seq_chunk(y_ref, g)), "dx": _rel(x.grad, x_ref.grad.chunk(tp, -1)[r]),
             "dW": _rel(layer.weight.grad, _local(ref.weight.grad, layer.weight)),
             "db": _rel(layer.bias.grad, ref.bias.grad)}  # every rank the full bias gradient
+
+
+def _saved_bytes(fn) -> tuple[int, torch.Tensor]:
+    """Bytes of the storages autograd keeps for backward after fn() (parameters not counted), and its output."""
+    meter = SavedTensorMeter()
+    with meter.recording():
+        out = fn()
+    return meter.live_bytes, out
+
+
+def _check_saved_shard(g):
+    """What the SP column-parallel matmuls keep for backward: the input shard [b, s/tp, in], not the
+    gathered [b, s, in] (tp times as many bytes; what gather + F.linear keeps, measured as a control),
+    plus a derived weight when given one; its gradients vs F.linear on the gathered input."""
+    tp, r = _ranks(g)
+    x_full = _same_on_all_ranks(3, S, 16, seed=60)
+    shard_bytes = x_full.nbytes // tp
+    got = {"shard bytes": shard_bytes, "gathered bytes": x_full.nbytes}
+    layer = ColumnParallelLinear(16, 24, tp_group=g, init_method=normal_init(0.5), sequence_parallel=True)
+    initialize_parameters(layer, seed=61)
+    x = _seq_chunk(x_full, g).clone().requires_grad_()
+    got["column"], y = _saved_bytes(lambda: layer(x))
+    got["gather + F.linear"], _ = _saved_bytes(
+        lambda: F.linear(gather_from_sequence_parallel_region(x, g), layer.weight, layer.bias))
+    vocab, padded = _vocab(g)
+    out_layer = VocabParallelOutput(padded, 16, tp_group=g, init_method=normal_init(1.0), logical_vocab_size=vocab,
+                                    sequence_parallel=True)
+    got["output layer"], _ = _saved_bytes(lambda: out_layer(x))
+    # a weight derived from a leaf (as SwiGLU's regrouped rows, the QKV replicas' summed view): kept too,
+    # and its gradient flows back to the leaf; the reference is F.linear on the full input and weight
+    w_full = _same_on_all_ranks(24, 16, seed=62)
+    w_leaf = w_full.chunk(tp, 0)[r].clone().requires_grad_()
+    w_ref = w_full.clone().requires_grad_()
+    x_ref = x_full.clone().requires_grad_()
+    x = _seq_chunk(x_full, g).clone().requires_grad_()
+    got["derived weight"], y = _saved_bytes(lambda: linear_with_sequence_parallel(x, w_leaf * 2, None, g))
+    got["derived weight bytes"] = w_leaf.nbytes
+    y_ref = F.linear(x_ref, w_ref * 2)
+    proj = _same_on_all_ranks(3, S, 24, seed=63)
+    (y * proj.chunk(tp, -1)[r]).sum().backward()
+    (y_ref * proj).sum().backward()
+    errs = {"out": _rel(y, y_ref.chunk(tp, -1)[r]), "dx": _rel(x.grad, _seq_chunk(x_ref.grad, g)),
+            "dW": _rel(w_leaf.grad, w_ref.grad.chunk(tp, 0)[r])}
+    # an input that needs no gradient: the weight's alone (no reduce-scatter)
+    w_leaf.grad = None
+    linear_with_sequence_parallel(_seq_chunk(x_full, g), w_leaf * 2, None, g).mul(proj.chunk(tp, -1)[r]).sum().backward()
+    errs["dW (input without grad)"] = _rel(w_leaf.grad, w_ref.grad.chunk(tp, 0)[r])
+    return got, errs
 
 
 def _vocab(g) -> tuple[int, int]:
@@ -244,6 +299,7 @@ def _all_checks(rank, world_size):
                             ("embedding", _check_embedding), ("output layer", _check_output_layer),
                             ("norms", _check_norms)):
             results[(tp, name)] = check(g)
+        results[(tp, "saved")], results[(tp, "saved shard")] = _check_saved_shard(g)
         for variant in GPT_VARIANTS:
             results[(tp, variant)], results[(tp, variant, "shapes")] = _check_gpt(g, variant)
         results[(tp, "dropout")] = _check_dropout_stream(g)
@@ -255,7 +311,7 @@ def sp_results():
     return run_distributed(_all_checks, 4)
 
 
-COMPONENTS = ["collectives", "column", "row", "embedding", "output layer", "norms"]
+COMPONENTS = ["collectives", "column", "row", "embedding", "output layer", "norms", "saved shard"]
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -286,3 +342,13 @@ def test_sequence_parallel_dropout_uses_the_tensor_parallel_stream(sp_results, t
         assert got["sp"] == {"ambient drawn": False, "tp stream drawn": True}, got
         assert got["plain"] == {"ambient drawn": True, "tp stream drawn": False}, got
 
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallel_linear_keeps_the_input_shard(sp_results, tp):
+    for per_rank in sp_results:
+        got = per_rank[(tp, "saved")]
+        shard = got["shard bytes"]
+        assert got["column"] == got["output layer"] == shard, got  # weights are parameters: not counted
+        assert got["derived weight"] == shard + got["derived weight bytes"], got
+        assert got["gather + F.linear"] == got["gathered bytes"] == tp * shard, got  # the control
