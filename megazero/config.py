@@ -243,7 +243,8 @@ class ActivationConfig:
                                      ("--recompute-num-layers", self.recompute_num_layers is not None),
                                      ("--distribute-saved-activations (partition_activations)",
                                       self.distribute_saved_activations),
-                                     ("--cpu-offload-activations (cpu_checkpointing)", self.cpu_offload_activations))
+                                     ("--cpu-offload-activations (cpu_checkpointing)", self.cpu_offload_activations),
+                                     ("synchronize_checkpoint_boundary", self.synchronize_checkpoint_boundary))
                      if on]
             if given:
                 now = f"--recompute-granularity {g}" if g else "no recomputation"

@@ -165,11 +165,14 @@ def _logging(ds: dict, m: Merge) -> None:
 def _activation_checkpointing(ds: dict, m: Merge) -> None:
     """DeepSpeed configures how checkpointed layer inputs are kept; the model code decides what is
     checkpointed. Here: partition_activations / cpu_checkpointing turn on full recomputation (uniform,
-    1 layer per checkpoint) unless the flags choose it, since they only apply to it."""
+    1 layer per checkpoint) unless the flags choose it, since they only apply to it; with tp 1
+    partition_activations has nothing to split across and is ignored, as DeepSpeed does at mp 1."""
     if "activation_checkpointing" not in ds:
         return
     a, f = ds["activation_checkpointing"], m.fname
     where = "activation_checkpointing"
+    if m.value("parallel.tensor_model_parallel_size") == 1:  # DeepSpeed ignores partitioning at mp 1
+        a = {k: v for k, v in a.items() if k != "partition_activations"}
     for key, target in (("partition_activations", "activation.distribute_saved_activations"),
                         ("cpu_checkpointing", "activation.cpu_offload_activations"),
                         ("synchronize_checkpoint_boundary", "activation.synchronize_checkpoint_boundary")):

@@ -386,7 +386,10 @@ def test_activation_checkpointing_against_the_flags(tmp_path):
     with pytest.raises(ConfigError, match=r"^--cpu-offload-activations \(cpu_checkpointing\) applies to full "
                                           r"recomputation .* this run has --recompute-granularity selective"):
         validate(cfg, 1)
-    # partition_activations splits inputs across tp ranks: needs tp > 1
-    cfg = load(tmp_path, {"activation_checkpointing": {"partition_activations": True}})
-    with pytest.raises(ConfigError, match="--tp is 1"):
+    # partition_activations at tp 1 has nothing to split across: ignored, as DeepSpeed does at mp 1
+    act = load(tmp_path, {"activation_checkpointing": {"partition_activations": True}}).activation
+    assert act.recompute_granularity is None and not act.distribute_saved_activations
+    # synchronize_checkpoint_boundary belongs to full recomputation too
+    cfg = load(tmp_path, {"activation_checkpointing": {"synchronize_checkpoint_boundary": True}})
+    with pytest.raises(ConfigError, match="^synchronize_checkpoint_boundary applies to full recomputation"):
         validate(cfg, 1)
