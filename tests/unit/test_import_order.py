@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "fileio"),                                   # leaves: nothing of megazero
     ("config", "flags", "presets", "watchdog", "comm", "random"),  # config: a leaf above errors only
     ("topology", "distributed"),
-    ("tensor_parallel", "pipeline_parallel", "optim", "ops", "data", "monitor", "activation"),
+    ("tensor_parallel", "pipeline_parallel", "optim", "ops", "data", "monitor", "activation", "context_parallel"),
     ("zero", "model"),
     ("checkpoint",),
     ("cli", "ds_config", "validation"),                     # config parsing and cross-section checks
