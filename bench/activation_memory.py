@@ -83,6 +83,7 @@ GRID = [
     Row("gpt2 pp4 vp2 m8", lay=L(pp=4, vp=2, num_microbatches=8)),
     Row("gpt2 tp2 SP pp2 vp2 m4", act=SP, lay=L(tp=2, pp=2, vp=2, num_microbatches=4)),
     Row("gpt2 pp4 full m8", act=FULL, lay=L(pp=4, num_microbatches=8)),
+    Row("gpt2 pp2 full offload m4", act={**FULL, "cpu_offload_activations": True}, lay=L(pp=2, num_microbatches=4)),
     Row("gpt2 tp2 bf16", lay=L(tp=2, dtype="bf16")),
     Row("llama tp1", model="llama"), Row("llama tp2", model="llama", lay=L(tp=2)),
     Row("llama tp2 SP", model="llama", act=SP, lay=L(tp=2)), Row("llama tp4 SP", model="llama", act=SP, lay=L(tp=4)),

@@ -34,8 +34,12 @@ follow torch's and megatron_kernels' code and are unverified here: no GPU measur
 The step's peak composes units ((microbatch, chunk) forwards) along the rank's pipeline plan
 (schedules.build_plan), each storage reference-counted as the meter counts it, recomputation transients
 included: under full recomputation the backward of a span first re-runs it (all of its activations
-live at once), under selective the core attention / MLP activation of one layer. `in_flight` gives the
-plan's counts, `paper_in_flight_layers` the paper's formula for the first stage.
+live at once), under selective the core attention / MLP activation of one layer (selective's fc2
+keeps the activation's input, not its output: 4sbh/tp x dtype bytes less per layer for GELU, sb ffn/tp
+for SwiGLU, whose silu(gate) and product are both re-made). `in_flight` gives the
+plan's counts, `paper_in_flight_layers` the paper's formula for the first stage. Partitioned or
+offloaded checkpoint inputs apply to every span but the first of a chunk fed by the previous pipeline
+stage: that one keeps the received buffer as it is (the executor holds it for its gradient anyway).
 """
 
 from __future__ import annotations
@@ -232,12 +236,17 @@ def _layer(sh: _Shapes, x_key, x_bytes: int, selective: bool) -> list[Seg]:
     act = Seg("activation").save("fc1.out", fc1_out)  # gelu's input / silu's gate (+ up: same storage)
     if m.swiglu:
         act.save("silu.out", b * s * sh.f_l * e)
-    if selective:  # the checkpoint keeps fc1's output; silu's output is re-made in backward
-        kept = Seg("activation (checkpoint)").save("fc1.out", fc1_out)
-        kept.recompute = [act]
-        act = kept
-    segs.append(act)
-    segs.append(Seg("fc2").save("fc2.in", b * s * sh.f_l * e))
+    if selective:
+        # fc2 keeps the activation's input (fc1's output, SwiGLU's gate/up storage) and re-makes its
+        # output in backward for the weight gradient (linear_with_recomputed_activation): the
+        # activation's saves (SwiGLU's silu(gate)) are a transient of that backward, and the activation
+        # output [b, s, ffn/tp] is never kept
+        fused = Seg("activation + fc2 (activation recomputed)").save("fc1.out", fc1_out)
+        fused.recompute = [act]
+        segs.append(fused)
+    else:
+        segs.append(act)
+        segs.append(Seg("fc2").save("fc2.in", b * s * sh.f_l * e))
     seg = Seg("mlp_dropout")
     _dropout(sh, seg, "drop2.mask", b * s_r * h, sh.hidden_p)
     segs.append(seg)
@@ -276,20 +285,26 @@ def _head(sh: _Shapes, x_key, x_bytes: int) -> list[Seg]:
 
 
 def chunk_segments(m: ModelConfig, act: ActivationConfig, lay: Layout, layers: range, pre_process: bool,
-                   post_process: bool) -> list[Seg]:
-    """One (microbatch, chunk) forward as segments in order, keys prefixed by layer ("L", i)."""
+                   post_process: bool, received_input: bool | None = None) -> list[Seg]:
+    """One (microbatch, chunk) forward as segments in order, keys prefixed by layer ("L", i).
+
+    received_input (default: not pre_process): the chunk's input comes from the previous pipeline
+    stage, whose buffer the executor keeps for its gradient anyway, so a full-recomputation checkpoint
+    of the first span keeps it as it is (GPTModel: never partitioned or offloaded)."""
     sh = _Shapes(m, act, lay)
     segs: list[Seg] = []
     x_bytes = sh.b * sh.s_r * sh.h * sh.e  # the residual stream between blocks
     x_key: tuple = ("chunk_input",)
+    received = not pre_process if received_input is None else received_input
     if pre_process:
         segs.append(_embedding(sh))
-    for span, checkpointed in recompute_spans(list(layers), act):
+    for n_span, (span, checkpointed) in enumerate(recompute_spans(list(layers), act)):
         span_segs: list[Seg] = []
         kept, recompute_input = x_key, x_key
-        host = act.cpu_offload_activations
+        as_is = n_span == 0 and received  # the received buffer, kept as it is
+        host = act.cpu_offload_activations and not as_is
         if checkpointed:
-            partitioned = act.distribute_saved_activations and lay.tp > 1
+            partitioned = act.distribute_saved_activations and lay.tp > 1 and not as_is
             kept_bytes = -(-x_bytes // sh.e // lay.tp) * sh.e if partitioned else x_bytes
             if partitioned or host:
                 kept = x_key + ("kept",)
@@ -413,8 +428,10 @@ def peak_bytes(m: ModelConfig, act: ActivationConfig, lay: Layout) -> tuple[int,
 
 def layer_bytes(m: ModelConfig, act: ActivationConfig, lay: Layout) -> int:
     """Device bytes one block stores for one microbatch after its forward (its input included; under
-    full recomputation with one layer per checkpoint: the kept input only; rope tables included)."""
-    segs = chunk_segments(m, act, lay, range(1, 2), False, False)
+    full recomputation with one layer per checkpoint: the kept input only, as partitioned / offloaded;
+    rope tables included). A block whose input was made on this stage: the first span of a chunk fed by
+    the previous pipeline stage keeps its received input whole (chunk_segments)."""
+    segs = chunk_segments(m, act, lay, range(1, 2), False, False, received_input=False)
     live = _Live()
     _forward(live, segs, ("u",))
     return live.device
@@ -423,7 +440,7 @@ def layer_bytes(m: ModelConfig, act: ActivationConfig, lay: Layout) -> int:
 def layer_breakdown(m: ModelConfig, act: ActivationConfig, lay: Layout) -> list[tuple[str, int]]:
     """(segment, new device bytes) of one block's forward, in order: where the bytes of layer_bytes are."""
     live, out = _Live(), []
-    for seg in chunk_segments(m, act, lay, range(1, 2), False, False):
+    for seg in chunk_segments(m, act, lay, range(1, 2), False, False, received_input=False):
         before = live.device
         live.add(_keyed(seg.saves, ("u",)))
         out.append((seg.name, live.device - before))

@@ -59,8 +59,9 @@ class MLP(nn.Module):
                  activation: ActivationConfig = ActivationConfig()):
         super().__init__()
         self.swiglu = cfg.swiglu
-        # selective recomputation: the activation function is re-run in backward from its input, so its
-        # output (and SwiGLU's silu(gate)) is not kept
+        # selective recomputation: fc2 keeps the activation function's input (fc1's output) instead of
+        # its output and re-makes the output in backward for its weight gradient (no matmul re-run;
+        # tensor_parallel/layers.py: linear_with_recomputed_activation)
         self.recompute_activation = activation.selective
         sp = activation.sequence_parallel  # x [b, s/tp, h] gathered in, output reduce-scattered
         self.dense_h_to_4h = ColumnParallelLinear(
@@ -73,7 +74,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.swiglu:
-            return self.dense_4h_to_h(self._activation(_gelu, self.dense_h_to_4h(x)))  # [b, s, ffn/tp] inside
+            return self._fc2(_gelu, self.dense_h_to_4h(x))  # [b, s, ffn/tp] inside
         # The stored rows pair (gate_i, up_i); regroup this rank's rows as [gate rows; up rows] (a copy of
         # the local weight) so silu and the product run on contiguous halves: on strided pairs their
         # forward and backward cost ~3x more (bench/llama_vs_hf.py --profile).
@@ -82,12 +83,13 @@ class MLP(nn.Module):
         weight = lin.weight.view(rows // 2, 2, h).transpose(0, 1).reshape(rows, h)
         bias = None if lin.bias is None else lin.bias.view(rows // 2, 2).t().reshape(rows)
         gate, up = lin.linear(x, weight, bias).chunk(2, dim=-1)  # [b, s, ffn/tp] each
-        return self.dense_4h_to_h(self._activation(_swiglu, gate, up))
+        return self._fc2(_swiglu, gate, up)
 
-    def _activation(self, fn, *inputs: torch.Tensor) -> torch.Tensor:
+    def _fc2(self, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        """dense_4h_to_h(fn(*inputs)); under selective recomputation fn's output is re-made in backward."""
         if self.recompute_activation:
-            return recompute.checkpoint(fn, *inputs, rng=None)
-        return fn(*inputs)
+            return self.dense_4h_to_h(*inputs, activation=fn)
+        return self.dense_4h_to_h(fn(*inputs))
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +188,10 @@ class GPTModel(nn.Module):
         self.input_storage = recompute.InputStorage(
             partition_group=tp_group if activation.distribute_saved_activations else None,
             offload=activation.cpu_offload_activations, synchronize=activation.synchronize_checkpoint_boundary)
+        # a chunk's input from the previous pipeline stage stays alive anyway (the executor keeps the
+        # received buffer for its .grad), so the first span keeps it as it is (recompute.KEEP, with the
+        # boundary sync): a host copy or a 1/tp chunk would come on top of it, not instead
+        self.received_input_storage = recompute.InputStorage(synchronize=activation.synchronize_checkpoint_boundary)
         if post_process:
             self.final_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device, _sp_norm_group(tp_group, activation))
             if not self.tied:
@@ -231,10 +237,11 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden
-        for layer_ids, checkpointed in self.recompute_spans:
+        for n, (layer_ids, checkpointed) in enumerate(self.recompute_spans):
             blocks = [self.layers[str(i)] for i in layer_ids]
             if checkpointed:
-                x = recompute.checkpoint(_run_blocks(blocks), x, rng=self.rng, storage=self.input_storage)
+                storage = self.received_input_storage if n == 0 and not self.pre_process else self.input_storage
+                x = recompute.checkpoint(_run_blocks(blocks), x, rng=self.rng, storage=storage)
             else:
                 x = _run_blocks(blocks)(x)
         if not self.post_process:

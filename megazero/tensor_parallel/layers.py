@@ -22,11 +22,17 @@ reduce-scatter their output along s instead of all-reducing it: [b, s, out] part
 added on the shard, so each rank sees the gradient of its positions only: sum_grad_over_tp adds them.
 Same bytes on the wire as the all-reduce (= reduce-scatter + all-gather), 1/tp of the activations.
 
+RowParallelLinear.forward(*inputs, activation=fn) computes F.linear(fn(*inputs), W) keeping the
+activation function's INPUTS, not its output, for the weight gradient (selective recomputation of the
+MLP activation: linear_with_recomputed_activation); the reduction and the bias are the same.
+
 Parameters are created empty with a ShardSpec and an init function; `initialize_parameters` fills them
 layout-invariantly (tensor_parallel/init.py).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -132,15 +138,64 @@ class RowParallelLinear(nn.Module):
             _make_param(ShardSpec((out_features,)), constant_init(0.0), dtype, device) if bias else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = scatter_to_tp_region(x, self.tp_group)
-        y = F.linear(x, self.weight)  # [b, s, out] partial sums over this rank's input features
+    def forward(self, *inputs: torch.Tensor,
+                activation: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """forward(x), or forward(*inputs, activation=fn) for x = fn(*inputs) with fn re-run in backward
+        from its inputs instead of keeping x (linear_with_recomputed_activation; input_is_parallel)."""
+        if activation is not None:
+            assert self.input_is_parallel, "the activation's inputs are this rank's feature columns"
+            y = linear_with_recomputed_activation(activation, self.weight, *inputs)
+        else:
+            (x,) = inputs
+            if not self.input_is_parallel:
+                x = scatter_to_tp_region(x, self.tp_group)
+            y = F.linear(x, self.weight)  # [b, s, out] partial sums over this rank's input features
         if not self.sequence_parallel:
             y = reduce_from_tp_region(y, self.tp_group)
             return y + self.bias if self.bias is not None else y
         y = reduce_scatter_to_sequence_parallel_region(y, self.tp_group)  # [b, s/tp, out]
         return y + sum_grad_over_tp(self.bias, self.tp_group) if self.bias is not None else y
+
+
+def linear_with_recomputed_activation(activation: Callable[..., torch.Tensor], weight: torch.Tensor,
+                                      *inputs: torch.Tensor) -> torch.Tensor:
+    """F.linear(activation(*inputs), weight) (no bias) keeping `inputs` and `weight` for backward, not
+    the activation's output: backward re-makes it from the inputs for the weight gradient (an
+    elementwise, RNG-free function: GELU, SwiGLU's silu(gate) * up), so no matmul is re-run. The ops
+    and their order are those of the plain expression's backward, so fp32 results are bitwise equal.
+    Without grad (or nothing requiring it) it is the plain expression."""
+    if not torch.is_grad_enabled() or not (weight.requires_grad or any(x.requires_grad for x in inputs)):
+        return F.linear(activation(*inputs), weight)
+    return _LinearWithRecomputedActivation.apply(activation, weight, *inputs)
+
+
+class _LinearWithRecomputedActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, activation, weight: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.activation = activation
+        ctx.save_for_backward(weight, *inputs)  # the activation's inputs: its output is not kept
+        return F.linear(activation(*inputs), weight)  # [b, s, out]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        weight, *inputs = ctx.saved_tensors  # (kept with retain_graph: a second backward works too)
+        activation = ctx.activation
+        needs = ctx.needs_input_grad[2:]
+        detached = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
+        with torch.enable_grad():
+            g = activation(*detached)  # the activation's output again: [b, s, in]
+        # F.linear(g, W) with 3-d g is matmul: g folded to [b*s, in] @ W^T, then viewed back. Its
+        # backward: the output grad reshaped to [b*s, out]; mm's grad for W^T (column-major) is
+        # (grad^T g)^T, so grad_W = grad^T g; for g, grad W
+        grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_w = grad_2d.t().mm(g.detach().reshape(-1, g.shape[-1])) if ctx.needs_input_grad[1] else None
+        grads: list[torch.Tensor | None] = [None] * len(inputs)
+        wanted = [i for i, need in enumerate(needs) if need]
+        if wanted:
+            grad_g = grad_2d.mm(weight).reshape(g.shape)
+            for i, grad in zip(wanted, torch.autograd.grad(g, [detached[i] for i in wanted], grad_g)):
+                grads[i] = grad
+        return (None, grad_w, *grads)
 
 
 class VocabParallelEmbedding(nn.Module):
