@@ -127,8 +127,9 @@ def run(argv: list[str] | None = None) -> dict:
     init_process_group(env, backend, cfg.parallel.distributed_timeout_minutes)
     lock = None
     try:
-        topo = Topology.build(GridShape(env.world_size, cfg.parallel.tensor_model_parallel_size,
-                                        cfg.parallel.pipeline_model_parallel_size), env.rank)
+        par = cfg.parallel
+        topo = Topology.build(GridShape(env.world_size, tp=par.tensor_model_parallel_size,
+                                        pp=par.pipeline_model_parallel_size, cp=par.context_parallel_size), env.rank)
         lock = lock_save_folder(cfg, env.rank, topo.world_group, log)  # before anything is written
         device = device_for(backend, env.local_rank)
         log(f"megazero: {env.world_size} process(es), backend {backend}, device {device.type}, "

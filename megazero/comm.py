@@ -5,8 +5,8 @@ Every collective in megazero goes through these functions so that (a) torch rena
 DESIGN.md principle 1), and (c) size-1 groups cost nothing.
 
 Backend notes: gloo on CPU supports all_reduce, reduce_scatter_tensor, all_gather_into_tensor
-(concatenating along dim 0 only) and batch_isend_irecv; callers that gather along another dim move
-that dim to the front first (see tensor_parallel/collectives.py).
+(concatenating along dim 0 only), all_to_all_single and batch_isend_irecv; callers that gather along
+another dim move that dim to the front first (see tensor_parallel/collectives.py).
 
 Failures (docs/failures.md). `set_timeout` (distributed.init_process_group, from
 --distributed-timeout-minutes) gives every group the run's timeout; gloo then raises a RuntimeError
@@ -156,6 +156,18 @@ def _fail(kind: str, group, err: RuntimeError, peer: int | None = None) -> "NoRe
     raise _failure from err
 
 
+def _blocking(kind: str, group, call):
+    """Run a blocking collective: what a heartbeat reports while it waits (_enter), a torch error as
+    CollectiveTimeout / CollectiveError with the context (_fail)."""
+    _enter(kind, group)
+    try:
+        return call()
+    except RuntimeError as err:
+        _fail(kind, group, err)
+    finally:
+        context.op = None
+
+
 class Handle:
     """An async collective or p2p transfer in flight: wait() (raises CollectiveTimeout /
     CollectiveError with the context) and is_completed()."""
@@ -206,13 +218,7 @@ def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: str = "sum") -> t
     traffic.add("all_reduce", group, _ring(group, 2, _nbytes(tensor)))
     reduce_op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
                  "min": dist.ReduceOp.MIN}[op]
-    _enter("all_reduce", group)
-    try:
-        dist.all_reduce(tensor, op=reduce_op, group=group)
-    except RuntimeError as err:
-        _fail("all_reduce", group, err)
-    finally:
-        context.op = None
+    _blocking("all_reduce", group, lambda: dist.all_reduce(tensor, op=reduce_op, group=group))
     return tensor.div_(group_size(group)) if op == "avg" else tensor
 
 
@@ -224,13 +230,19 @@ def all_gather_dim0(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     tensor = tensor.contiguous()
     out = torch.empty((tensor.shape[0] * world, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     traffic.add("all_gather", group, _ring(group, 1, _nbytes(out)))
-    _enter("all_gather", group)
-    try:
-        _all_gather_flat(out, tensor, group=group)
-    except RuntimeError as err:
-        _fail("all_gather", group, err)
-    finally:
-        context.op = None
+    _blocking("all_gather", group, lambda: _all_gather_flat(out, tensor, group=group))
+    return out
+
+
+def all_to_all_single(out: torch.Tensor, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Equal-split all-to-all along dim 0 (rank order): piece t of `tensor` goes to group rank t, piece t
+    of `out` (same shape) came from rank t. Counted like the ring collectives: (n-1)/n of the tensor
+    leaves this rank (its own piece stays)."""
+    if group_size(group) == 1:
+        return out.copy_(tensor)
+    tensor = tensor.contiguous()
+    traffic.add("all_to_all", group, _ring(group, 1, _nbytes(tensor)))
+    _blocking("all_to_all", group, lambda: dist.all_to_all_single(out, tensor, group=group))
     return out
 
 
@@ -281,13 +293,8 @@ def new_group(ranks: list[int], backend: str | None = None) -> ProcessGroup:
     not inherit the default group's timeout)."""
     if _timeout is None:
         return dist.new_group(ranks=ranks, backend=backend)
-    _enter("new_group", None)
-    try:
-        group = dist.new_group(ranks=ranks, backend=backend, timeout=_startup_timeout)
-    except RuntimeError as err:
-        _fail("new_group", None, err)
-    finally:
-        context.op = None
+    group = _blocking("new_group", None, lambda: dist.new_group(ranks=ranks, backend=backend,
+                                                                 timeout=_startup_timeout))
     apply_timeout(group)
     return group
 
@@ -295,13 +302,7 @@ def new_group(ranks: list[int], backend: str | None = None) -> ProcessGroup:
 def all_gather_object(obj, group: ProcessGroup) -> list:
     """Every rank's picklable `obj`, in group-rank order (small metadata only: it pickles)."""
     out = [None] * group_size(group)
-    _enter("all_gather_object", group)
-    try:
-        dist.all_gather_object(out, obj, group=group)
-    except RuntimeError as err:
-        _fail("all_gather_object", group, err)
-    finally:
-        context.op = None
+    _blocking("all_gather_object", group, lambda: dist.all_gather_object(out, obj, group=group))
     return out
 
 

@@ -171,6 +171,10 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = num(1, ge=1)
     pipeline_model_parallel_size: int = num(1, ge=1)
+    # Context parallelism (megazero/context_parallel/): the sequence of each sample is split across cp
+    # ranks (load-balanced chunks), which share the same samples and replicate the parameters (Megatron).
+    context_parallel_size: int = num(1, ge=1)
+    cp_comm_type: str = "p2p"  # p2p (ring attention) | a2a (all-to-all, DeepSpeed-Ulysses)
     distributed_backend: str | None = None  # None: nccl with CUDA, else gloo
     # A collective or p2p transfer waiting longer than this ends the job naming what timed out and which
     # ranks did not arrive (comm.py, watchdog.py, docs/failures.md); Megatron's flag, fractions allowed.
@@ -421,7 +425,10 @@ class RunConfig:
 
     # ----- derived sizes -------------------------------------------------------------------------
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
+        """Ranks holding distinct samples: world // (tp x cp x pp). The cp ranks of one data-parallel
+        replica split each sample's sequence, so they count once in the batch (Megatron's rule)."""
+        p = self.parallel
+        return world_size // (p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size)
 
     def batch_sizes(self, world_size: int) -> tuple[int, int, int]:
         """(micro, accumulation steps, global) with global = micro x accumulation x dp.
@@ -432,6 +439,12 @@ class RunConfig:
         pipelining."""
         t, dp = self.training, self.data_parallel_size(world_size)
         micro, accum, gbs = t.micro_batch_size, t.gradient_accumulation_steps, t.global_batch_size
+        p = self.parallel
+        # with cp the data-parallel size is not world / (tp x pp): say where the number comes from
+        dps = f"data-parallel size {dp}" + (
+            f" (world {world_size} / (tp {p.tensor_model_parallel_size} x cp {p.context_parallel_size} x pp "
+            f"{p.pipeline_model_parallel_size}): context-parallel ranks share samples)"
+            if p.context_parallel_size > 1 else "")
         for name, value in (("micro batch size", micro), ("gradient accumulation steps", accum),
                             ("global batch size", gbs)):
             if value is not None and value < 1:
@@ -442,21 +455,21 @@ class RunConfig:
                                   "accumulation steps")
             if gbs % (accum * dp):
                 raise ConfigError(
-                    f"global batch size {gbs} is not divisible by gradient accumulation steps {accum} x data-parallel "
-                    f"size {dp} = {accum * dp}, so no micro batch size fits")
+                    f"global batch size {gbs} is not divisible by gradient accumulation steps {accum} x {dps} = "
+                    f"{accum * dp}, so no micro batch size fits")
             micro = gbs // (accum * dp)
         if gbs is None:
             gbs = micro * dp * (accum or self.parallel.pipeline_model_parallel_size)
         if accum is None:
             if gbs % (micro * dp):
                 raise ConfigError(
-                    f"--global-batch-size {gbs} is not divisible by --micro-batch-size {micro} x data-parallel size "
-                    f"{dp} = {micro * dp}; use a multiple of {micro * dp}")
+                    f"--global-batch-size {gbs} is not divisible by --micro-batch-size {micro} x {dps} = "
+                    f"{micro * dp}; use a multiple of {micro * dp}")
             accum = gbs // (micro * dp)
         if micro * accum * dp != gbs:
             raise ConfigError(
                 f"batch sizes disagree: global batch {gbs} != micro batch {micro} x gradient accumulation {accum} x "
-                f"data-parallel size {dp} = {micro * accum * dp}")
+                f"{dps} = {micro * accum * dp}")
         return micro, accum, gbs
 
     def micro_batch_size(self, world_size: int) -> int:

@@ -40,6 +40,12 @@ FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
              help="tensor-parallel size (default 1)"),
         flag("--pipeline-model-parallel-size", "--pp", dest="parallel.pipeline_model_parallel_size",
              type=int, help="pipeline-parallel size (default 1)"),
+        flag("--context-parallel-size", "--cp", dest="parallel.context_parallel_size", type=int,
+             help="context-parallel size: each sample's sequence is split across this many ranks, which share "
+                  "samples (data-parallel size = world / (tp x cp x pp); default 1)"),
+        flag("--cp-comm-type", dest="parallel.cp_comm_type", choices=["p2p", "a2a", "a2a+p2p"],
+             help="context-parallel attention: p2p (ring attention, default) or a2a (all-to-all, "
+                  "DeepSpeed-Ulysses; heads per tensor-parallel rank divisible by cp); a2a+p2p is not built"),
         flag("--virtual-pipeline-model-parallel-size", "--vp", dest="parallel.virtual_pipeline_model_parallel_size",
              type=int, help="model chunks per pipeline stage: interleaved 1F1B when > 1 (default 1)"),
         flag("--num-layers-per-virtual-pipeline-stage", dest="parallel.num_layers_per_virtual_pipeline_stage",

@@ -5,11 +5,12 @@ Grid order is Megatron-LM's default `tp-cp-dp-pp`: tp varies fastest, pp slowest
     global_rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
 
 so TP peers are adjacent ranks (inside one node) and a megazero run places every rank in the same
-groups as a Megatron run of the same shape. The context-parallel axis has size 1 today (no flag sets
-it yet); with cp = 1 the formula is Megatron's `tp-dp-pp`.
+groups as a Megatron run of the same shape. The context-parallel axis is --context-parallel-size
+(default 1); with cp = 1 the formula is Megatron's `tp-dp-pp`.
 
 Coordinates are named (`Coords(tp=, cp=, dp=, pp=)`), never unpacked by position, so adding an axis
-moves no caller. Groups are named too:
+moves no caller. Groups are named too (`dp_cp_index` / `Topology.dp_cp_rank`: a rank's index in its
+dp_cp group):
 
     tp, cp, dp, pp     ranks differing only along that axis
     dp_cp              dp x cp: parameters are replicated over both, so gradients are reduced and ZeRO
@@ -114,6 +115,12 @@ def coords_to_rank(coords: Coords, shape: GridShape) -> int:
     return rank
 
 
+def dp_cp_index(coords: Coords, shape: GridShape) -> int:
+    """This rank's index in its dp_cp group (group-rank order = global rank order, where cp varies
+    faster than dp): cp + cp_size * dp. Equals dp while cp = 1."""
+    return coords.cp + shape.cp * coords.dp
+
+
 def _groups_along(shape: GridShape, varying: tuple[str, ...]) -> list[list[int]]:
     """Groups of ranks whose coordinates differ only along the `varying` axes, each in rank order."""
     buckets: dict[tuple[int, ...], list[int]] = {}
@@ -195,6 +202,11 @@ class Topology:
     cp_rank = property(lambda self: self.coords.cp)
     dp_rank = property(lambda self: self.coords.dp)
     pp_rank = property(lambda self: self.coords.pp)
+
+    # dp x cp: the ranks over which parameters are replicated, so ZeRO's shard owners and the gradient
+    # reduction (dp_cp_group). cp varies faster than dp in the grid, hence in the group's rank order.
+    dp_cp = property(lambda self: self.shape.dp * self.shape.cp)
+    dp_cp_rank = property(lambda self: dp_cp_index(self.coords, self.shape))
 
     @property
     def is_first_stage(self) -> bool:

@@ -8,6 +8,7 @@ way); the checks that need only the dataclasses are RunConfig methods, called he
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from megazero.config import RunConfig, check_folder
@@ -24,7 +25,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     m, p, o = cfg.model, cfg.parallel, cfg.optimizer
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     cfg.check_fields()  # every number in its declared range, every float finite
-    GridShape(world_size=world_size, tp=tp, pp=pp)  # world divisible by tp x pp
+    GridShape(world_size=world_size, tp=tp, pp=pp, cp=p.context_parallel_size)  # world divisible by tp x cp x pp
     cfg.check_precision_and_zero()
     check_parts(m)  # norm / position / attention names, query groups, head dim
     if m.num_attention_heads % tp:
@@ -47,6 +48,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             f"raise --max-position-embeddings or lower --seq-length"
         )
     cfg.activation.check(tp, m.seq_length)
+    _check_context_parallel(cfg)
     cfg.batch_sizes(world_size)
     _check_pipeline(cfg, world_size)
     if o.lr_decay_style not in ("cosine", "linear", "constant"):
@@ -56,6 +58,40 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                           f"--min-lr, so lower --min-lr or raise --lr")
     _check_data_and_outputs(cfg)
     cfg.check_checkpoint()
+
+
+CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")  # Megatron's --cp-comm-type choices
+
+
+def _check_context_parallel(cfg: RunConfig) -> None:
+    """--context-parallel-size / --cp-comm-type against the model (the tp x cp x pp grid: GridShape)."""
+    m, p, seq = cfg.model, cfg.parallel, cfg.model.seq_length
+    cp, tp, kind = p.context_parallel_size, p.tensor_model_parallel_size, p.cp_comm_type
+    if kind not in CP_COMM_TYPES:
+        raise ConfigError(f"--cp-comm-type must be p2p or a2a, got {kind!r}")
+    if kind == "a2a+p2p":
+        raise ConfigError("--cp-comm-type a2a+p2p (Megatron's hierarchical all-to-all within nodes, ring across "
+                          "them) is not built in megazero; use p2p (ring attention) or a2a (all-to-all)")
+    if cp == 1:
+        return
+    if seq % (2 * cp):
+        # causal load balancing: each cp rank holds chunks r and 2cp-1-r of 2cp equal chunks
+        raise ConfigError(f"--context-parallel-size {cp} splits each sequence into 2 x {cp} = {2 * cp} equal chunks "
+                          f"(two per rank, for an even causal workload): --seq-length {seq} must be a multiple of "
+                          f"{2 * cp}")
+    if cfg.activation.sequence_parallel and (seq // cp) % tp:
+        raise ConfigError(f"--sequence-parallel with --context-parallel-size {cp}: each rank's {seq // cp} tokens "
+                          f"(--seq-length {seq} / cp {cp}) are split across the {tp} tensor-parallel ranks, so "
+                          f"--seq-length must be a multiple of {cp * math.lcm(2, tp)} (of cp x tp and of 2 x cp)")
+    if m.attention_dropout > 0:
+        raise ConfigError(f"--context-parallel-size {cp}: ring and all-to-all attention apply no attention dropout, "
+                          f"and this run has --attention-dropout {m.attention_dropout:g}; add --attention-dropout 0")
+    if kind == "a2a":
+        from megazero.context_parallel.all_to_all import check_a2a_heads
+
+        # the exchange splits the heads this tensor-parallel rank holds (a kv group shared by tp / groups
+        # ranks is one local kv head on each)
+        check_a2a_heads(m.num_attention_heads // tp, max(m.query_groups // tp, 1), cp)
 
 
 def _check_pipeline(cfg: RunConfig, world_size: int) -> None:

@@ -130,7 +130,8 @@ def print_text(info: dict, table: list[dict] | None, verified: bool) -> None:
     print(f"checkpoint   {info['path']}")
     print(f"format       {info['format']} v{info['version']}, written by megazero {info['megazero_version']}")
     print(f"iteration    {info['iteration']}")
-    print(f"layout       tp{lt['tp']} pp{lt['pp']} vp{lt['vp']} dp{lt['dp']} (world {lt['world']}), ZeRO stage "
+    cp = f" cp{lt['cp']}" if lt.get("cp", 1) > 1 else ""  # saved with context parallelism (a record only)
+    print(f"layout       tp{lt['tp']} pp{lt['pp']} vp{lt['vp']} dp{lt['dp']}{cp} (world {lt['world']}), ZeRO stage "
           f"{lt['zero_stage']}, {lt['params_dtype']}, offload optimizer {lt.get('offload_optimizer', 'none')} / "
           f"param {lt.get('offload_param', 'none')}")
     for key in ("converted_from", "imported_from"):
@@ -139,7 +140,8 @@ def print_text(info: dict, table: list[dict] | None, verified: bool) -> None:
             extra = ""
             if "layout" in src:
                 s = src["layout"]
-                extra = f" (tp{s['tp']} pp{s['pp']} vp{s['vp']} dp{s['dp']} zero{s['zero_stage']})"
+                cp = f" cp{s['cp']}" if s.get("cp", 1) > 1 else ""
+                extra = f" (tp{s['tp']} pp{s['pp']} vp{s['vp']} dp{s['dp']}{cp} zero{s['zero_stage']})"
             print(f"{'from':<12} {src['path']}{extra} ({key.split('_')[0]})")
     ffn = m.get("ffn_hidden_size") or 4 * m["hidden_size"]
     positions = m.get("max_position_embeddings") or m["seq_length"]

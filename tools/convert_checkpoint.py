@@ -120,7 +120,11 @@ def target_config(config: dict, args: argparse.Namespace) -> tuple[dict, RunConf
     new = copy.deepcopy(config)
     par, zero = new.setdefault("parallel", {}), new.setdefault("zero", {})
     old_pp, old_vp = par.get("pipeline_model_parallel_size", 1), run_config_from_dict(config).virtual_pipeline_size()
+    if par.get("context_parallel_size", 1) != 1:  # nothing saved depends on cp; the target is written as cp 1
+        notes.append(f"context-parallel size {par['context_parallel_size']} -> 1 in the target's config (the "
+                     f"checkpoint loads at any --context-parallel-size)")
     par.update(tensor_model_parallel_size=args.target_tp, pipeline_model_parallel_size=args.target_pp,
+               context_parallel_size=1,
                virtual_pipeline_model_parallel_size=args.target_vp if args.target_vp != 1 else None,
                num_layers_per_virtual_pipeline_stage=None)
     if (args.target_pp, args.target_vp) != (old_pp, old_vp):
@@ -163,10 +167,10 @@ def reshard(args: argparse.Namespace) -> None:
     if (saved["tp"], saved["pp"], saved["vp"]) == (target["tp"], target["pp"], target["vp"]):
         from megazero.topology import Coords, GridShape, coords_to_rank
 
-        grid = GridShape(target["world"], tp=target["tp"], pp=target["pp"])
+        grid = GridShape(target["world"], tp=target["tp"], pp=target["pp"], cp=target["cp"])
         for coords, entry in index.get("rng", {}).items():
             pp_rank, tp_rank = (int(x[2:]) for x in coords.split("."))
-            rank = coords_to_rank(Coords(tp=tp_rank, dp=0, pp=pp_rank), grid)  # dp rank 0 saves the streams
+            rank = coords_to_rank(Coords(tp=tp_rank, cp=0, dp=0, pp=pp_rank), grid)  # (dp, cp) 0 saves them
             names = [*entry["streams"], "ambient"]
             rng[rank] = {f"{entry['prefix']}/{s}": reader.get(entry["file"], f"{entry['prefix']}/{s}") for s in names}
             rng_index[coords] = {**entry, "file": rank_filename(rank)}
@@ -181,7 +185,8 @@ def reshard(args: argparse.Namespace) -> None:
     extra = _tokenizer_files(src, index)
     with _bar(len(plan), "resharding") as bar:
         path = write_layout(out, new_index, plan, tensors, reader.read, rng=rng, extra_files=extra, bar=bar)
-    describe = lambda lt: (f"tp{lt['tp']} pp{lt['pp']} vp{lt['vp']} dp{lt['dp']} zero{lt['zero_stage']}")  # noqa: E731
+    describe = lambda lt: (f"tp{lt['tp']} pp{lt['pp']} vp{lt['vp']} dp{lt['dp']}"  # noqa: E731
+                           f"{' cp%d' % lt['cp'] if lt.get('cp', 1) > 1 else ''} zero{lt['zero_stage']}")
     for note in notes:
         print(f"note: {note}")
     print(f"note: {rng_note}")

@@ -320,13 +320,13 @@ def write_import(out: Path, cfg: RunConfig, dp: int, state: dict[str, torch.Tens
     scaler = build_loss_scaler(pr.params_dtype, pr.loss_scale, pr.initial_loss_scale, pr.loss_scale_window,
                                pr.hysteresis, pr.min_loss_scale)
     layout = layout_dict(cfg, dp)
-    grid = GridShape(layout["world"], tp=layout["tp"], pp=layout["pp"])
+    grid = GridShape(layout["world"], tp=layout["tp"], pp=layout["pp"], cp=layout["cp"])
     rng, rng_index = {}, {}
     with torch.random.fork_rng(devices=[]):  # the streams a fresh run of this config starts with
         for pp_rank in range(layout["pp"]):
             for tp_rank in range(layout["tp"]):
                 streams = RNGStreams(cfg.training.seed, tp_rank, pp_rank, torch.device("cpu")).state_dict()
-                rank = coords_to_rank(Coords(tp=tp_rank, dp=0, pp=pp_rank), grid)
+                rank = coords_to_rank(Coords(tp=tp_rank, cp=0, dp=0, pp=pp_rank), grid)  # (dp, cp) 0 saves them
                 prefix = f"rng/pp{pp_rank}.tp{tp_rank}"
                 rng[rank] = {f"{prefix}/{s}": t for s, t in streams["streams"].items()}
                 rng[rank][f"{prefix}/ambient"] = streams["ambient"]

@@ -1,4 +1,4 @@
-"""Writing a checkpoint offline exactly as a given (tp, pp, vp, dp, ZeRO) layout would save it:
+"""Writing a checkpoint offline exactly as a given (tp, pp, vp, dp, cp, ZeRO) layout would save it:
 `plan_layout` lists every piece each rank of that layout owns (the trainer's own bucket code run on
 meta tensors), `write_layout` writes them with the atomic commit of format.py. Used by
 tools/convert_checkpoint.py (offline resharding, Hugging Face import). docs/checkpoint_tools.md.
@@ -39,7 +39,7 @@ class PlannedPiece:
 
 
 def validate_layout(cfg: RunConfig, dp: int) -> None:
-    """The layout checks a run of `cfg` on tp x pp x dp ranks would make (ConfigError, one line)."""
+    """The layout checks a run of `cfg` on tp x cp x pp x dp ranks would make (ConfigError, one line)."""
     from megazero.errors import ConfigError
     from megazero.topology import GridShape
 
@@ -48,7 +48,8 @@ def validate_layout(cfg: RunConfig, dp: int) -> None:
     for name, value in (("tp", tp), ("pp", pp), ("dp", dp), ("vp", cfg.virtual_pipeline_size())):
         if value < 1:
             raise ConfigError(f"--target-{name} must be >= 1, got {value}")
-    GridShape(tp * pp * dp, tp=tp, pp=pp)
+    cp = p.context_parallel_size
+    GridShape(tp * cp * pp * dp, tp=tp, pp=pp, cp=cp)
     check_parts(m)  # head dim, query groups, rope dims (as validation.validate)
     if m.num_attention_heads % tp:
         raise ConfigError(f"--target-tp {tp}: the model's {m.num_attention_heads} attention heads are not divisible "
@@ -65,20 +66,22 @@ def validate_layout(cfg: RunConfig, dp: int) -> None:
 
 
 def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
-    """Every piece a run of `cfg` on tp x pp x dp ranks saves (state.save_checkpoint's rules), in rank
-    order and, per rank, in its optimizer's fragment order: the same files, regions and flat ranges.
+    """Every piece a run of `cfg` on tp x cp x pp x dp ranks saves (state.save_checkpoint's rules), in
+    rank order and, per rank, in its optimizer's fragment order: the same files, regions and flat ranges.
+    ZeRO shards over dp x cp (cfg's context_parallel_size; the pieces themselves do not depend on it).
 
     Each pipeline rank's chunks are built at tp=1 on the meta device (no memory), then every parameter
     is swapped for a meta tensor of its target tp slice's shape, so the trainer's own ZeRO code
     (engine.build_layout) lays the buckets out."""
     from megazero.pipeline_parallel.partition import chunk_layer_ranges, virtual_stage
-    from megazero.topology import Coords, GridShape, coords_to_rank
+    from megazero.topology import Coords, GridShape, coords_to_rank, dp_cp_index
     from megazero.zero.engine import build_layout
 
     p = cfg.parallel
     tp, pp, vp, stage = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.virtual_pipeline_size(), \
         cfg.zero.stage
-    grid = GridShape(tp * pp * dp, tp=tp, pp=pp)
+    cp = p.context_parallel_size
+    grid = GridShape(tp * cp * pp * dp, tp=tp, pp=pp, cp=cp)
     counts, last = layers_of_config(cfg), pp * vp - 1
     padded = cfg.model.padded_vocab_size(tp)
     plan: dict[int, list[PlannedPiece]] = {}
@@ -107,11 +110,11 @@ def plan_layout(cfg: RunConfig, dp: int) -> list[PlannedPiece]:
                     set_shard_spec(param, spec)
                     setattr(module, pname, param)
                     names[id(param)] = name
-                layout = build_layout(chunks, cfg.zero, dp)
-                for dp_rank in range(dp):
-                    rank = coords_to_rank(Coords(tp=tp_rank, dp=dp_rank, pp=pp_rank), grid)
-                    for f in layout.fragments_of_rank(dp_rank, whole=stage == 0):
-                        if not writes_fragment(f.param, tp_rank, dp_rank, stage):
+                layout = build_layout(chunks, cfg.zero, dp * cp)  # ZeroEngine's: shards over dp x cp
+                for coords in (Coords(tp=tp_rank, cp=c, dp=d, pp=pp_rank) for d in range(dp) for c in range(cp)):
+                    rank, shard = coords_to_rank(coords, grid), dp_cp_index(coords, grid)
+                    for f in layout.fragments_of_rank(shard, whole=stage == 0):
+                        if not writes_fragment(f.param, tp_rank, shard, stage):
                             continue  # written by another rank
                         spec = get_shard_spec(f.param)
                         start, stop = _region(spec)

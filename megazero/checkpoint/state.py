@@ -5,11 +5,14 @@ streams), its ZeroEngine (export_state / import_state), the model chunks (names)
 
 Save: every rank writes the pieces it owns (its tensor-parallel region x its ZeRO fragment of each
 parameter: model values, fp32 masters, the update rule's state), skipping copies another rank writes (TP-
-replicated parameters: tp rank 0; stage 0: dp rank 0; the tied embedding copy on the last stage);
-dp-rank-0 ranks add their (pp, tp) RNG streams. Rank 0 gathers the piece lists, writes the index and
-commits. No tensor travels between ranks. Each phase ends with the ranks agreeing on errors: a write
-that fails anywhere (full disk: checked up front against the checkpoint's size, and caught when it
-happens) is one CheckpointSaveError on every rank, the partial folder removed, `latest` unchanged.
+replicated parameters: tp rank 0; stage 0: dp x cp rank 0; the tied embedding copy on the last stage);
+the dp x cp rank 0 of each (pp, tp) adds its RNG streams. ZeRO shards over dp x cp (context-parallel
+ranks replicate the parameters), so the shard owner is the dp_cp rank, and nothing saved depends on
+cp: the pieces are regions and flat ranges of global tensors, which any layout, any cp, reads. Rank 0
+gathers the piece lists, writes the index and commits. No tensor travels between ranks. Each phase
+ends with the ranks agreeing on errors: a write that fails anywhere (full disk: checked up front
+against the checkpoint's size, and caught when it happens) is one CheckpointSaveError on every rank,
+the partial folder removed, `latest` unchanged.
 
 Load: every rank reads, for each fragment it owns in *its* layout, the tensor-parallel region of the
 global tensor and keeps its flat range; stages 1-2 then all-gather the parameter buffer as after a
@@ -67,11 +70,12 @@ def _logical_shape(spec: ShardSpec) -> list[int]:
     return shape
 
 
-def writes_fragment(param, tp_rank: int, dp_rank: int, stage: int) -> bool:
-    """Whether the rank at (tp_rank, dp_rank) saves its fragment of `param`: each element once. Copies
+def writes_fragment(param, tp_rank: int, replica_rank: int, stage: int) -> bool:
+    """Whether the rank at tensor-parallel rank `tp_rank` and ZeRO shard index `replica_rank` (its rank
+    in the dp x cp group: Topology.dp_cp_rank) saves its fragment of `param`: each element once. Copies
     are skipped like in the grad norm (TP-replicated: tp rank 0; the tied embedding's copy: its owner),
-    and at stage 0, where every dp rank holds everything, dp rank 0 writes."""
-    return counts_toward_norm(param, tp_rank) and (stage > 0 or dp_rank == 0)
+    and at stage 0, where every dp x cp replica holds everything, replica 0 writes."""
+    return counts_toward_norm(param, tp_rank) and (stage > 0 or replica_rank == 0)
 
 
 @dataclass
@@ -92,12 +96,18 @@ def _param_names(subject: CheckpointSubject) -> dict[int, str]:
 
 
 def layout_dict(cfg, dp: int) -> dict:
-    """The index's "layout": what a run of `cfg` on dp data-parallel ranks saves from (offline writers too)."""
+    """The index's "layout": what a run of `cfg` on dp data-parallel ranks saves from (offline writers too).
+    A record only: loading reads the pieces' regions, whatever tp, pp, dp or cp wrote them."""
     p, z = cfg.parallel, cfg.zero
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    return {"world": tp * pp * dp, "tp": tp, "pp": pp, "vp": cfg.virtual_pipeline_size(), "dp": dp,
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    return {"world": tp * cp * pp * dp, "tp": tp, "pp": pp, "vp": cfg.virtual_pipeline_size(), "dp": dp, "cp": cp,
             "zero_stage": z.stage, "params_dtype": cfg.precision.params_dtype,
             "offload_optimizer": z.offload_optimizer, "offload_param": z.offload_param}
+
+
+def describe_cp(layout: dict) -> str:
+    """" cp2" for a layout saved with context parallelism, "" otherwise (and for indexes before cp)."""
+    return f" cp{layout['cp']}" if layout.get("cp", 1) > 1 else ""
 
 
 # ----- save ----------------------------------------------------------------------------------------------
@@ -177,7 +187,7 @@ def save_checkpoint(subject: CheckpointSubject, save: str | Path, keep_last: int
     fname = rank_filename(topo.rank)
     for (master, opt_state), f, value in zip(exported["state"], exported["fragments"], exported["values"]):
         spec = get_shard_spec(f.param)
-        if not writes_fragment(f.param, topo.tp_rank, topo.dp_rank, engine.stage):
+        if not writes_fragment(f.param, topo.tp_rank, topo.dp_cp_rank, engine.stage):
             continue
         name = names[id(f.param)]
         start, stop = _region(spec)
@@ -190,7 +200,7 @@ def save_checkpoint(subject: CheckpointSubject, save: str | Path, keep_last: int
             entries.append((f"{kind}/{name}", _logical_shape(spec), str(t.dtype).removeprefix("torch."),
                             piece.to_json()))
     rng = None
-    if topo.dp_rank == 0:
+    if topo.dp_cp_rank == 0:  # (dp, cp) = (0, 0): one writer per (pp, tp) model slice
         state = subject.state.rng.state_dict()
         prefix = f"rng/pp{topo.pp_rank}.tp{topo.tp_rank}"
         for stream, t in state["streams"].items():
@@ -343,8 +353,8 @@ def load_checkpoint(subject: CheckpointSubject, folder: Path, *, load_optim: boo
                      "run's seeds")
     seconds = time.perf_counter() - t0
     log(f"loaded checkpoint {folder} (iteration {state['iteration']}, saved from tp{saved['tp']} pp{saved['pp']} "
-        f"vp{saved['vp']} dp{saved['dp']} zero{saved['zero_stage']}) in {seconds:.2f} s; optimizer state "
-        f"{optim_note}; RNG {rng_note}"
+        f"vp{saved['vp']} dp{saved['dp']}{describe_cp(saved)} zero{saved['zero_stage']}) in {seconds:.2f} s; "
+        f"optimizer state {optim_note}; RNG {rng_note}"
         f"{'; --finetune: iteration and data position start at 0' if finetune else ''}")
     return {"seconds": seconds, "iteration": state["iteration"]}
 

@@ -22,7 +22,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from megazero import comm
@@ -31,17 +30,10 @@ from megazero.errors import ConfigError
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """x [cp, ...]: piece t goes to group rank t; returns [cp, ...] whose piece t came from rank t.
-
-    TODO(comm.py): belongs in megazero/comm.py beside the other collectives (timeout / failure
-    context via _enter / _fail); kept here while that file is being changed by others. Traffic is
-    counted like the ring collectives: (cp-1)/cp of the tensor leaves this rank."""
+    """x [cp, ...]: piece t goes to group rank t; returns [cp, ...] whose piece t came from rank t
+    (comm.all_to_all_single: traffic, timeout and failure context like every collective)."""
     x = x.contiguous()
-    out = torch.empty_like(x)
-    n = comm.group_size(group)
-    comm.traffic.add("all_to_all", group, (n - 1) / n * x.numel() * x.element_size())
-    dist.all_to_all_single(out, x, group=group)
-    return out
+    return comm.all_to_all_single(torch.empty_like(x), x, group)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -89,8 +81,9 @@ def kv_heads_for_a2a(num_kv_heads: int, cp: int) -> int:
 def check_a2a_heads(num_heads: int, num_kv_heads: int, cp: int) -> None:
     """Refuse, in one line, head counts the all-to-all cannot split (ConfigError)."""
     if num_heads % cp or num_heads % num_kv_heads:
-        raise ConfigError(f"--cp-comm-type a2a needs the local attention heads ({num_heads}) divisible by "
-                          f"--context-parallel-size ({cp}) and by the kv heads ({num_kv_heads}); use p2p")
+        raise ConfigError(f"--cp-comm-type a2a needs the attention heads per tensor-parallel rank ({num_heads}) "
+                          f"divisible by --context-parallel-size ({cp}) and by the kv heads per rank "
+                          f"({num_kv_heads}); use --cp-comm-type p2p, or a --tp that leaves a multiple of {cp} heads")
 
 
 def all_to_all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group,

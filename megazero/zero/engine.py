@@ -42,7 +42,8 @@ def parameter_groups(chunks: list[nn.Module], stage: ZeroStage) -> list[list[nn.
 
 
 def build_layout(chunks: list[nn.Module], zero: ZeroConfig, dp: int) -> BufferLayout:
-    """The flat ZeRO layout of these chunks (also what offline checkpoint writers must reproduce)."""
+    """The flat ZeRO layout of these chunks over `dp` shard owners (a run's dp x cp; also what offline
+    checkpoint writers must reproduce)."""
     stage = ZeroStage.of(zero.stage)
     return BufferLayout(parameter_groups(chunks, stage), dp, None if stage.gather_units else zero.reduce_bucket_size)
 
@@ -54,13 +55,18 @@ class ZeroEngine:
         stage = self.policy = ZeroStage.of(zero.stage)
         params = [p for c in chunks for p in c.parameters()]
         weight_decay = {id(p): decays(n, p) for c in chunks for n, p in c.named_parameters()}  # before ZeRO-3 storage
-        self.layout = build_layout(chunks, zero, topo.dp)
+        # Parameters are replicated over dp x cp (context-parallel ranks hold the same weights and see
+        # other tokens of the same samples), so ZeRO shards and reduces over the dp_cp group: the
+        # "data-parallel" group, rank and size of zero/ are dp_cp's (= dp's while cp = 1). Averaging the
+        # gradient over dp x cp is the global token-mean gradient as long as every cp rank's loss is the
+        # mean over an equal number of tokens of the same samples (load-balanced chunks: s / cp each).
+        self.layout = build_layout(chunks, zero, topo.dp_cp)
         assert {id(p) for p in params} == set(self.layout.range_of), "every parameter is laid out once"
         tied = any(get_shard_spec(p).own_bucket for p in params)
-        self.storage = ParamStorage(self.layout, stage, topo.dp_group, topo.dp_rank,
+        self.storage = ParamStorage(self.layout, stage, topo.dp_cp_group, topo.dp_cp_rank,
                                     offload=zero.offload_param == "cpu")
         grad_dtype = torch.float32 if zero.grad_reduce_dtype == "fp32" else params[0].dtype
-        self.grads = GradSync(self.layout, stage, topo.dp_group, topo.dp_rank, device, zero.overlap_comm,
+        self.grads = GradSync(self.layout, stage, topo.dp_cp_group, topo.dp_cp_rank, device, zero.overlap_comm,
                               embedding_group=topo.embedding_group if tied else None, grad_dtype=grad_dtype)
         self.optimizer = _build_optimizer(self.layout, self.grads, self.storage, weight_decay, opt, zero, stage, topo)
         self.stage3 = None  # (bench/comm_volume.py reads its block buckets)
@@ -151,14 +157,16 @@ def _build_optimizer(layout, grads, storage, weight_decay, opt: OptimizerConfig,
                    "nvme_path": zero.offload_nvme_path, "rank_tag": f"rank{topo.rank}"}
     error, optimizer = None, None
     try:
-        optimizer = ZeroOptimizer(layout, grads, storage, weight_decay, opt, stage=stage, dp_rank=topo.dp_rank,
-                                  tp_rank=topo.tp_rank, dp_group=topo.dp_group, model_group=topo.model_group,
+        # dp_group / dp_rank: the ZeRO shard owners, dp x cp (see ZeroEngine); model_group: tp x pp
+        optimizer = ZeroOptimizer(layout, grads, storage, weight_decay, opt, stage=stage, dp_rank=topo.dp_cp_rank,
+                                  tp_rank=topo.tp_rank, dp_group=topo.dp_cp_group, model_group=topo.model_group,
                                   offload=offload)
     except OSError as err:
         if zero.offload_optimizer != "nvme":
             raise
         rows = 1 + len(build_update_rule(opt, offload=True).state)  # fp32 master + the rule's state
-        need = 4 * rows * sum(f.numel for f in layout.fragments_of_rank(topo.dp_rank, whole=stage.owns_whole_buffer))
+        need = 4 * rows * sum(f.numel for f in layout.fragments_of_rank(topo.dp_cp_rank,
+                                                                       whole=stage.owns_whole_buffer))
         error = (f"--offload-nvme-path {zero.offload_nvme_path}: cannot create the optimizer-state files of rank "
                  f"{topo.rank} ({need / 2**20:.1f} MiB): {err.strerror or err}; free space there or choose "
                  f"another path")

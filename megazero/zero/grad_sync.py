@@ -16,7 +16,9 @@ lighter than stage 1, at a price with gradient accumulation: m reduce-scatters p
 one (docs/architecture.md, "ZeRO"). fp32 parameters whose full buffer exists (stages 0-1) use the
 buffer itself as `.grad`, so autograd accumulates in place; otherwise the hook adds `.grad` (any
 dtype) into the gradient storage and drops it. Storage is fp32 unless grad_dtype says otherwise
-(--grad-reduce-dtype model). Averaging over dp happens after the sum.
+(--grad-reduce-dtype model). Averaging over dp happens after the sum. Throughout zero/, "dp" is the
+group of ranks holding replicas of the same parameters, which ZeroEngine passes in: data parallel x
+context parallel (topology's dp_cp group; dp itself while cp = 1).
 
 Listeners register explicitly: `register_bucket_done_hook(fn)` (fn(bucket) once a microbatch's
 gradients of a bucket are all in: ZeRO-3 releases the unit) and `register_bucket_reduced_hook(fn)`

@@ -8,7 +8,7 @@ copy of the bf16/fp16 values) and the per-parameter state its update rule declar
 fragment. The rule is torch's own op sequence, so the update is exactly torch's AdamW / SGD on every
 element whatever the sharding. One step:
 
-    found_inf = any non-finite gradient on any rank      (all-reduced over dp and tp x pp)
+    found_inf = any non-finite gradient on any rank      (all-reduced over dp [x cp] and tp x pp)
     if found_inf: skip (nothing changes)
     norm = global L2 norm of the unscaled gradients, every element counted once
     grads *= (1 / loss_scale) * min(1, clip / (norm + 1e-6))
@@ -101,8 +101,11 @@ class ZeroOptimizer:
         self._host_grads.add(bucket)
 
     def _sum_over_ranks(self, value: torch.Tensor, op: str) -> torch.Tensor:
-        # Shards are distinct over dp; at stage 0 every dp replica holds the same reduced gradient
-        # (an inf anywhere reached every replica through the all-reduce), so tp x pp suffices.
+        # dp_group is the ZeRO group (dp x cp, ZeroEngine) and model_group tp x pp: together they
+        # cover every rank exactly once, so each element is summed once. Shards are distinct over
+        # dp x cp; at stage 0 every dp x cp replica holds the same reduced gradient (an inf anywhere
+        # reached every replica through the all-reduce), so tp x pp suffices and the context-parallel
+        # replicas are not counted cp times.
         if self.stage.shards_optimizer_state:
             comm.all_reduce_(value, self.dp_group, op=op)
         comm.all_reduce_(value, self.model_group, op=op)
