@@ -20,6 +20,7 @@ CUDA it is the fastest of the three for causal attention (bench/attention_backen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -30,6 +31,7 @@ from torch import nn
 from megazero import comm, ops
 from megazero.activation import recompute
 from megazero.config import ActivationConfig, ModelConfig
+from megazero.context_parallel import context_parallel_attention
 from megazero.model.norms import LayerNorm, RMSNorm
 from megazero.model.rope import RotaryEmbedding
 from megazero.random import RNGStreams
@@ -37,6 +39,17 @@ from megazero.tensor_parallel.collectives import sum_grad_over_tp
 from megazero.tensor_parallel.init import InitFn, normal_init
 from megazero.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megazero.tensor_parallel.sharding import get_shard_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+    """This rank's place on the cp axis (issue 14): with size > 1 its tokens are the two load-balanced
+    chunks (context_parallel/sharding.py) of each sample, s / cp of them, and attention runs through
+    context_parallel_attention over `group` with `comm_type` (p2p: ring, a2a: all-to-all)."""
+    group: object = None
+    rank: int = 0
+    size: int = 1
+    comm_type: str = "p2p"
 
 
 def make_norm(cfg: ModelConfig, size: int, dtype, device, grad_sum_group=None) -> nn.Module:
@@ -73,8 +86,9 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, output_init: InitFn, dtype, device,
-                 activation: ActivationConfig = ActivationConfig()):
+                 activation: ActivationConfig = ActivationConfig(), cp: ContextParallel = ContextParallel()):
         super().__init__()
+        self.cp = cp
         self.recompute_core = activation.selective  # where it pays: recompute.core_attention_pays
         tp = self.tp_size = comm.group_size(tp_group)
         self.cfg, self.tp_group, self.rng = cfg, tp_group, rng
@@ -95,7 +109,7 @@ class SelfAttention(nn.Module):
         self.dense = RowParallelLinear(
             cfg.num_attention_heads * self.head_dim, cfg.hidden_size, tp_group=tp_group, init_method=output_init,
             bias=cfg.add_bias_linear, input_is_parallel=True, sequence_parallel=sp, dtype=dtype, device=device)
-        self.rotary = RotaryEmbedding(cfg) if cfg.position_embedding_type == "rope" else None
+        self.rotary = RotaryEmbedding(cfg, cp.rank, cp.size) if cfg.position_embedding_type == "rope" else None
         if cfg.qk_layernorm:  # over head_dim, shared by every head (Megatron); replicated over TP, but each
             # rank normalises only its own heads: the weight gradients are summed over the TP group
             self.q_layernorm = make_norm(cfg, self.head_dim, dtype, device, grad_sum_group=tp_group)
@@ -112,7 +126,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, s, h] (sequence parallel: [b, s/tp, h]) -> the same shape. From the QKV projection on
-        every rank holds the whole sequence (gathered there), so rope turns positions 0..s-1 as without SP."""
+        every rank holds the whole sequence (gathered there), so rope turns positions 0..s-1 as without SP.
+        With context parallelism s is this cp rank's s/cp tokens (its two load-balanced chunks): rope uses
+        their global positions and the core attention is context_parallel_attention over the cp group."""
         hd, n = self.head_dim, self.per_group
         qkv = self._project(x)  # [b, s, local qkv features]
         b, s = qkv.shape[:2]
@@ -134,13 +150,30 @@ class SelfAttention(nn.Module):
         # nothing is drawn, so the stream swap (3 RNG-state copies per layer) is skipped.
         core = functools.partial(core_attention, backend=self.cfg.attention_backend, dropout_p=dropout_p,
                                  use_fused=self.cfg.fused_kernels)
-        with self.rng.fork("tensor-parallel") if dropout_p > 0 else contextlib.nullcontext():
-            if self.recompute_core and recompute.core_attention_pays(self.cfg.attention_backend, q.device.type,
-                                                                     dropout_p):
-                # selective recomputation: q, k, v kept, [b, heads, s, s] re-made in backward (the same
-                # dropout mask: the checkpoint replays the stream drawn here)
-                context = recompute.checkpoint(core, q, k, v, rng=self.rng)
-            else:
-                context = core(q, k, v)
+        if self.cp.size > 1:
+            context = self._context_parallel(core, q, k, v)
+        else:
+            with self.rng.fork("tensor-parallel") if dropout_p > 0 else contextlib.nullcontext():
+                if self.recompute_core and recompute.core_attention_pays(self.cfg.attention_backend,
+                                                                         q.device.type, dropout_p):
+                    # selective recomputation: q, k, v kept, [b, heads, s, s] re-made in backward (the
+                    # same dropout mask: the checkpoint replays the stream drawn here)
+                    context = recompute.checkpoint(core, q, k, v, rng=self.rng)
+                else:
+                    context = core(q, k, v)
         context = context.transpose(1, 2).reshape(b, s, self.local_heads * hd)  # [b, s, heads here * hd]
         return self.dense(context)
+
+    def _context_parallel(self, core, q, k, v) -> torch.Tensor:
+        """Attention of this cp rank's s/cp tokens against the whole sequence (cp > 1; attention dropout
+        is 0, validation.py). p2p runs the ring (its own blockwise math); a2a runs `core` (the configured
+        backend) on the head-sharded full sequence. Selective recomputation checkpoints the whole call, so
+        backward re-runs the ring / the all-to-alls as Megatron does: core_attention_pays is not consulted
+        because the ring keeps its per-block lse and output on top of q, k, v, and the a2a core keeps the
+        full-sequence q, k, v; both are worth dropping under selective recomputation."""
+        def attend(q, k, v):
+            return context_parallel_attention(q, k, v, cp_group=self.cp.group, comm_type=self.cp.comm_type,
+                                              core=core)
+        if self.recompute_core:
+            return recompute.checkpoint(attend, q, k, v, rng=self.rng)
+        return attend(q, k, v)

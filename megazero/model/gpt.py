@@ -33,7 +33,8 @@ from torch import nn
 from megazero import comm
 from megazero.activation import recompute
 from megazero.config import ActivationConfig, ModelConfig
-from megazero.model.attention import SelfAttention, make_norm
+from megazero.context_parallel.sharding import local_positions
+from megazero.model.attention import ContextParallel, SelfAttention, make_norm
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.collectives import sum_grad_over_tp
 from megazero.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -125,13 +126,13 @@ class TransformerBlock(nn.Module):
     """x + drop(attn(ln1(x))), then + drop(mlp(ln2(.))); x is [b, s, h] ([b, s/tp, h] under SP)."""
 
     def __init__(self, cfg: ModelConfig, tp_group, rng: RNGStreams, dtype, device,
-                 activation: ActivationConfig = ActivationConfig()):
+                 activation: ActivationConfig = ActivationConfig(), cp: ContextParallel = ContextParallel()):
         super().__init__()
         # GPT-2 / Megatron: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
         output_init = normal_init(cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers))
         norm_group = _sp_norm_group(tp_group, activation)
         self.input_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device, norm_group)
-        self.attention = SelfAttention(cfg, tp_group, rng, output_init, dtype, device, activation)
+        self.attention = SelfAttention(cfg, tp_group, rng, output_init, dtype, device, activation, cp)
         self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size, dtype, device, norm_group)
         self.mlp = MLP(cfg, tp_group, output_init, dtype, device, activation)
         self.hidden_dropout = ResidualDropout(cfg.hidden_dropout, rng, activation.sequence_parallel)
@@ -150,10 +151,11 @@ class GPTModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, *, tp_group, rng: RNGStreams, layer_range: range | None = None,
                  pre_process: bool = True, post_process: bool = True, dtype=torch.float32, device=None,
-                 activation: ActivationConfig = ActivationConfig()):
+                 activation: ActivationConfig = ActivationConfig(), cp: ContextParallel = ContextParallel()):
         super().__init__()
         assert cfg.vocab_size is not None
         self.cfg, self.tp_group, self.rng, self.activation = cfg, tp_group, rng, activation
+        self.cp = cp  # context parallelism: this rank's tokens are its s/cp load-balanced chunks
         self.activation_dtype = dtype  # of the hidden states between blocks and pipeline stages
         self.pre_process, self.post_process = pre_process, post_process
         tp = self.tp_size = comm.group_size(tp_group)
@@ -182,7 +184,7 @@ class GPTModel(nn.Module):
                 set_init(self.position_embeddings, normal_init(cfg.init_method_std))
             self.embedding_dropout = ResidualDropout(cfg.hidden_dropout, rng, sp)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, tp_group, rng, dtype, device, activation) for i in layer_range})
+            {str(i): TransformerBlock(cfg, tp_group, rng, dtype, device, activation, cp) for i in layer_range})
         # full recomputation: which consecutive layers run as one checkpointed span (recompute.py)
         self.recompute_spans = recompute.recompute_spans(list(layer_range), activation)
         self.input_storage = recompute.InputStorage(
@@ -203,9 +205,11 @@ class GPTModel(nn.Module):
     def pipeline_activation(self, micro_batch_size: int) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of the hidden state this chunk receives from / sends to a neighbouring
         pipeline stage: [b, s, h], replicated over TP, in the model dtype; with sequence parallelism
-        [b, s/tp, h], this rank's positions (1/tp of the bytes). The pipeline carries whatever is
+        [b, s/tp, h], this rank's positions (1/tp of the bytes). With context parallelism s is the
+        local s/cp (SP: s/(cp tp), the SP shard of the local sequence). The pipeline carries whatever is
         declared here, with no trainer change."""
-        s = self.cfg.seq_length // self.tp_size if self.sequence_parallel else self.cfg.seq_length
+        s = self.cfg.seq_length // self.cp.size
+        s = s // self.tp_size if self.sequence_parallel else s
         return (micro_batch_size, s, self.cfg.hidden_size), self.activation_dtype
 
     def zero_units(self) -> list[ZeroUnit]:
@@ -229,11 +233,26 @@ class GPTModel(nn.Module):
     def _positions(self, s: int) -> torch.Tensor:
         """The learned position embeddings of this rank's positions: [s, h], or under SP rows
         [r*s/tp, (r+1)*s/tp) of them, whose gradient rows the other ranks fill (summed over TP)."""
+        if self.cp.size > 1:
+            return self._cp_positions(s)
         if not self.sequence_parallel:
             return self.position_embeddings[:s]
         assert s % self.tp_size == 0, f"sequence parallelism: sequence length {s} not divisible by tp {self.tp_size}"
         local, start = s // self.tp_size, comm.group_rank(self.tp_group) * (s // self.tp_size)
         return sum_grad_over_tp(self.position_embeddings[:s], self.tp_group)[start:start + local]
+
+    def _cp_positions(self, s: int) -> torch.Tensor:
+        """Context parallelism: the s local tokens are this cp rank's two load-balanced chunks of the
+        s * cp global ones, so their rows are those of their global positions (sharding.local_positions);
+        under SP this TP rank adds rows [r*s/tp, (r+1)*s/tp) of those (the SP shard of the local
+        sequence), gradient rows summed over TP as above."""
+        global_s = s * self.cp.size
+        rows = local_positions(global_s, self.cp.rank, self.cp.size, self.position_embeddings.device)
+        if not self.sequence_parallel:
+            return self.position_embeddings[rows]
+        assert s % self.tp_size == 0, f"sequence parallelism: local sequence {s} not divisible by tp {self.tp_size}"
+        local, start = s // self.tp_size, comm.group_rank(self.tp_group) * (s // self.tp_size)
+        return sum_grad_over_tp(self.position_embeddings[:global_s], self.tp_group)[rows[start:start + local]]
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from megazero.config import ModelConfig
+from megazero.context_parallel.sharding import local_positions
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -42,10 +43,14 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables for positions [0, seq) (cached per length and device; not parameters)."""
+    """cos / sin tables for positions [0, seq) (cached per length and device; not parameters). With
+    context parallelism (cp > 1) the local seq tokens are cp rank `cp_rank`'s two load-balanced chunks
+    of the global seq * cp tokens, and the tables are those of their global positions
+    (context_parallel.sharding.local_positions)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, cp_rank: int = 0, cp: int = 1):
         super().__init__()
+        self.cp_rank, self.cp = cp_rank, cp
         self.rotated = int(cfg.head_dim * cfg.rotary_percent)
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
@@ -53,7 +58,10 @@ class RotaryEmbedding(nn.Module):
     def tables(self, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [seq, r] fp32."""
         if self._cache is None or self._cache[0] != seq or self._cache[1] != device:
-            positions = torch.arange(seq, device=device, dtype=torch.float32)
+            if self.cp > 1:
+                positions = local_positions(seq * self.cp, self.cp_rank, self.cp, device).float()
+            else:
+                positions = torch.arange(seq, device=device, dtype=torch.float32)
             freqs = torch.outer(positions, self.inv_freq.to(device))  # [seq, r/2]
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cache = (seq, device, emb.cos(), emb.sin())

@@ -7,6 +7,7 @@ import torch
 
 from megazero.config import RunConfig
 from megazero.model import GPTModel
+from megazero.model.attention import ContextParallel
 from megazero.pipeline_parallel.partition import chunk_layer_ranges, layers_of_config, virtual_stage
 from megazero.random import RNGStreams
 from megazero.tensor_parallel.init import initialize_parameters
@@ -24,7 +25,14 @@ def build_model_chunks(cfg: RunConfig, topo: Topology, rng: RNGStreams, device: 
         v = virtual_stage(topo.pp_rank, c, topo.pp)
         chunk = GPTModel(cfg.model, tp_group=topo.tp_group, rng=rng, layer_range=layers, pre_process=v == 0,
                          post_process=v == last_virtual, dtype=dtype, device=device,
-                         activation=cfg.activation)
+                         activation=cfg.activation, cp=context_parallel(cfg, topo))
         initialize_parameters(chunk, cfg.training.seed)
         chunks.append(chunk)
     return chunks
+
+
+def context_parallel(cfg: RunConfig, topo: Topology) -> ContextParallel:
+    """This rank's cp group, rank and comm type for the model (the default, no cp, when cp = 1)."""
+    if topo.cp == 1:
+        return ContextParallel()
+    return ContextParallel(topo.cp_group, topo.cp_rank, topo.cp, cfg.parallel.cp_comm_type)

@@ -22,6 +22,7 @@ import torch
 
 from megazero import comm
 from megazero.config import RunConfig
+from megazero.context_parallel import shard_sequence
 from megazero.model.parts import describe_parts
 from megazero.data import build_data_iterator
 from megazero.monitor import TrainingMonitor
@@ -136,6 +137,10 @@ class Trainer:
                  f"global batch {self.global_batch} = micro {cfg.micro_batch_size(topo.world_size)} x {self.num_microbatches} "
                  f"accumulation x {topo.dp} dp; ZeRO stage {cfg.zero.stage}, {pr.params_dtype}; "
                  f"optimizer {self.zero.optimizer.rule.describe()}")
+        if topo.cp > 1:  # the dp ranks above count replicas; each replica's samples are split over cp
+            self.log(f"context parallel: {topo.cp}-way ({cfg.parallel.cp_comm_type}), each rank holds "
+                     f"{m.seq_length // topo.cp} of {m.seq_length} tokens per sample (2 load-balanced chunks); "
+                     f"world {topo.world_size} = tp {topo.tp} x cp {topo.cp} x dp {topo.dp} x pp {topo.pp}")
         if self.zero.optimizer.offload is not None:
             self.log(self.zero.optimizer.offload.describe() + " (rank 0)")
         self.run_dir = run_dir
@@ -161,19 +166,22 @@ class Trainer:
     def _batches(self, split: str, consumed: int) -> Iterator[Microbatch]:
         it = build_data_iterator(self.datasets[split], consumed, self.cfg.micro_batch_size(self.topo.world_size),
                                  self.topo.dp_rank, self.topo.dp, self.cfg.data.num_workers)
-        for batch in it:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        cp_rank, cp = self.topo.cp_rank, self.topo.cp  # the cp ranks of a replica share its samples and
+        for batch in it:  # each keeps its two chunks of the sequence (tokens and labels alike)
+            yield {k: shard_sequence(v, 1, cp_rank, cp).to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _next_microbatches(self, batches: Iterator[Microbatch]) -> list[Microbatch]:
         return [next(batches) for _ in range(self.num_microbatches)]
 
     def _batch_mean_loss(self, losses: list[torch.Tensor]) -> float:
         """Mean loss of the global batch on every rank: the last stage holds the microbatch losses
-        (summed over the pipeline group so all stages get it), then averaged over DP."""
+        (summed over the pipeline group so all stages get it), then averaged over DP x CP (each cp rank's
+        loss is the mean over its s/cp tokens, the same count on every cp rank: their mean is the
+        sequence's token mean; the dp_cp group is the dp group while cp = 1)."""
         run_context.set_phase("loss average")
         mean = torch.stack(losses).mean().float() if losses else torch.zeros((), device=self.device)
         comm.all_reduce_(mean, self.topo.pp_group, op="sum")
-        comm.all_reduce_(mean, self.topo.dp_group, op="avg")
+        comm.all_reduce_(mean, self.topo.dp_cp_group, op="avg")
         return mean.item()
 
     # ----- one step --------------------------------------------------------------------------------
