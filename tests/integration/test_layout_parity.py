@@ -51,6 +51,8 @@ class Layout(NamedTuple):
     # integration/test_recompute_parity.py)
     activation: tuple = ()
     dropout: float = 0.0
+    cp: int = 1  # context parallelism (tests/integration/test_context_parallel_parity.py)
+    cp_comm: str = "p2p"  # --cp-comm-type
 
 
 def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
@@ -69,7 +71,8 @@ def parity_config(prefix, tokenizer_model, layout: Layout) -> RunConfig:
                                 eval_interval=STEPS, eval_iters=1, log_interval=STEPS),
     ).replace(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                         "virtual_pipeline_model_parallel_size": vp,
-                        "decoder_first_pipeline_num_layers": first_stage_layers},
+                        "decoder_first_pipeline_num_layers": first_stage_layers,
+                        "context_parallel_size": layout.cp, "cp_comm_type": layout.cp_comm},
               zero={"stage": zero, "reduce_bucket_size": 20_000, **offload_cfg},  # several buckets, uneven shards
               precision={"params_dtype": dtype}, activation=dict(layout.activation))
 
@@ -98,7 +101,7 @@ def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts):
     for layout in layouts:
         cfg = parity_config(prefix, tokenizer_model, layout)
         validate(cfg, world_size)
-        topo = Topology.build(GridShape(world_size, tp=layout.tp, pp=layout.pp), rank)
+        topo = Topology.build(GridShape(world_size, tp=layout.tp, pp=layout.pp, cp=layout.cp), rank)
         os.environ["MEGATRON_KERNELS_FORCE_REFERENCE"] = "1" if layout.offload.endswith("-reference") else "0"
         trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=lambda _: None)
         history = trainer.train()
@@ -152,13 +155,14 @@ REFERENCE = (1, L())
 
 def layout_id(world: int, layout: Layout) -> str:
     tp, pp, vp, micro, first, zero, dtype, offload = layout[:8]
-    dp = world // (tp * pp)
+    dp = world // (tp * pp * layout.cp)
     uneven = f"-first{first}" if first is not None else ""
     return (f"tp{tp}-pp{pp}{f'-vp{vp}' if vp > 1 else ''}{uneven}-dp{dp}-accum{GLOBAL_BATCH // (micro * dp)}"
             f"{f'-zero{zero}' if zero else ''}{f'-{dtype}' if dtype != 'fp32' else ''}"
             f"{f'-offload-{offload}' if offload != 'none' else ''}"
             f"{f'-{layout.optimizer}' if layout.optimizer != 'adamw' else ''}"
-            f"{f'-{layout.model}' if layout.model != 'gpt2' else ''}")
+            f"{f'-{layout.model}' if layout.model != 'gpt2' else ''}"
+            f"{f'-cp{layout.cp}-{layout.cp_comm}' if layout.cp > 1 else ''}")
 
 
 def run_launches(launches: dict[int, list[Layout]], prefix, model) -> dict[tuple[int, Layout], list]:
