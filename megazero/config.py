@@ -235,6 +235,28 @@ class ActivationConfig:
     def layers_per_checkpoint(self) -> int:
         return self.recompute_num_layers or 1
 
+    def describe(self) -> str:
+        """One phrase for the start-up log: "activations: sequence parallel; full recomputation (uniform,
+        1 layer per checkpoint, inputs offloaded to host)", "activations: no recomputation"."""
+        parts = ["sequence parallel"] if self.sequence_parallel else []
+        if self.full:
+            n = self.layers_per_checkpoint
+            layers = f"{n} layer{'s' if n > 1 else ''}"
+            how = ([f"uniform, {layers} per checkpoint"] if self.method == "uniform"
+                   else [f"block, the first {layers} of each model chunk checkpointed one by one"])
+            kept = [w for w, on in (("partitioned across tensor-parallel ranks", self.distribute_saved_activations),
+                                    ("offloaded to host", self.cpu_offload_activations)) if on]
+            if kept:
+                how.append("inputs " + " and ".join(kept))
+            if self.synchronize_checkpoint_boundary:
+                how.append("synchronized checkpoint boundaries")
+            parts.append(f"full recomputation ({', '.join(how)})")
+        elif self.selective:
+            parts.append("selective recomputation (core attention where it pays, MLP activation)")
+        else:
+            parts.append("no recomputation")
+        return "activations: " + "; ".join(parts)
+
     def check(self, tp: int, seq_length: int) -> None:
         """The activation settings alone and against tp / seq_length; ConfigError with the fix."""
         g = self.recompute_granularity

@@ -88,7 +88,9 @@ class KeptInputs:
         if device.type != "cuda":
             self._fetched = (list(saved), None)
             return
-        stream = _side_streams.setdefault(device, torch.cuda.Stream(device))
+        stream = _side_streams.get(device)
+        if stream is None:  # one per device, created on first use
+            stream = _side_streams[device] = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))  # the device -> host copies are done
         with torch.cuda.stream(stream):
             self._fetched = ([t.to(device, non_blocking=True) for t in saved], stream)

@@ -8,6 +8,7 @@ every named stream; rng=None declares that fn draws nothing), then backward runs
 recomputed outputs; parameter gradients accumulate as in any backward (ZeRO's post-accumulate-grad
 hooks fire), the inputs' gradients are returned. Same ops in the same order as without checkpoint:
 fp32 results are bitwise equal. With grad disabled, or no input requiring grad, it is fn(*inputs).
+One backward per forward: a second one through a retained graph raises RuntimeError (TWICE).
 
 This is a reentrant autograd.Function, not torch.utils.checkpoint: the non-reentrant variant keeps
 inputs alive in closures that saved-tensor hooks never see, and torch's RNG preservation knows the
@@ -40,6 +41,9 @@ from megazero.random import RNGStreams
 __all__ = ["InputStorage", "KEEP", "checkpoint", "recomputing", "recompute_spans", "core_attention_pays"]
 
 KEEP = InputStorage()
+TWICE = ("backward through a recomputed region twice is not supported; the first backward releases its "
+         "recomputation state (the function, the forward's RNG snapshot): run one backward per forward, or train "
+         "without recomputation (no --recompute-granularity) where the graph is needed again (retain_graph=True)")
 
 # Per thread: the autograd engine runs a CUDA backward (so the recomputation) on its device thread.
 _state = threading.local()
@@ -92,7 +96,9 @@ class _Checkpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        replay: _Replay = ctx.replay
+        replay: _Replay | None = ctx.replay
+        if replay is None:  # a retained graph's second backward: the replay went with the first
+            raise RuntimeError(TWICE)
         ctx.replay = None  # drop fn, snapshot and the previous node with this backward
         previous = replay.previous
         if previous is not None and previous.replay is not None:  # its backward is next: copy its input back

@@ -7,7 +7,9 @@ holding the tensor; autograd drops the handle when it frees the saved variable (
 backward, or with the graph), and the storage is released from the count when its last handle goes.
 So `live_bytes` is what the autograd graphs alive at that moment pin in memory, `peak_bytes` its
 maximum since `reset_peak()`: over a training step, pipeline in-flight microbatches and the transient
-activations of a recomputation included.
+activations of a recomputation included. Autograd checks a saved tensor's version only when no hooks
+are installed, so unpack does it instead: a tensor modified in place between its save and its backward
+raises torch's RuntimeError ("... modified by an inplace operation ..."), as it would without the meter.
 
 Not counted: parameters (model state, whatever autograd saves of them; ZeRO-3's gathered copies are
 parameters too). Counted apart as host bytes: tensors marked with `mark_host(t)` (activation offload:
@@ -66,13 +68,26 @@ def _is_parameter(t: torch.Tensor) -> bool:
     return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
 
 
-class _Packed:
-    """What autograd holds instead of a saved tensor while the meter records; its deletion releases it."""
+def _modified_message(t: torch.Tensor, saved_version: int) -> str:
+    """torch's own error for a saved tensor changed in place before its backward (SavedVariable::unpack),
+    less the grad_fn it names (an unpack hook does not see it)."""
+    hint = ("" if torch.is_anomaly_enabled() else
+            " Hint: enable anomaly detection to find the operation that failed to compute its gradient, "
+            "with torch.autograd.set_detect_anomaly(True).")
+    return ("one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"[{t.type()} {list(t.shape)}] is at version {t._version}; expected version {saved_version} instead."
+            + hint)
 
-    __slots__ = ("tensor", "key", "meter")
+
+class _Packed:
+    """What autograd holds instead of a saved tensor while the meter records; its deletion releases it.
+    `version`: the tensor's version counter when saved (autograd checks it at unpack only without hooks,
+    so the meter does, as autograd would)."""
+
+    __slots__ = ("tensor", "version", "key", "meter")
 
     def __init__(self, tensor: torch.Tensor, key, meter: "SavedTensorMeter"):
-        self.tensor, self.key, self.meter = tensor, key, meter
+        self.tensor, self.version, self.key, self.meter = tensor, tensor._version, key, meter
 
     def __del__(self):
         if self.key is not None:
@@ -125,7 +140,10 @@ class SavedTensorMeter:
 
     @staticmethod
     def _unpack(packed: _Packed) -> torch.Tensor:
-        return packed.tensor
+        t = packed.tensor
+        if t._version != packed.version:  # modified in place since saved: its backward would be wrong
+            raise RuntimeError(_modified_message(t, packed.version))
+        return t
 
     def _release(self, key) -> None:
         self._refs[key] -= 1

@@ -9,16 +9,22 @@ Three measured quantities per rank:
   peak bytes         torch.cuda.max_memory_allocated on CUDA, else the process's peak RSS (all memory,
                      Python and the data loader included: an upper bound, not an activation measure)
 
-The meter records every training step (`start_step` / `end_step` around the schedule; evaluation runs
-without grad and saves nothing). Per-label bytes (saved_tensors.py: (microbatch, layer),
-(microbatch, "other"), ("recompute", layer)) are reset every step; `logged_labels` keeps those of the
-last step --log-memory printed.
+The meter records only the steps these numbers come from (its saved-tensor hooks cost ~10-20% of a
+tiny, launch-bound step): the first training step a Trainer runs (a resumed run's first step too) and,
+with --log-memory, every step it logs; `record_every_step` forces all. Activations are a function of the
+layout (shapes, dtypes, schedule, recomputation), not of the data or the step: every step saves the same
+bytes, so the first step's peak is the run's, and summary.json's activation_bytes (the max over the
+recorded steps) stands for every step. Evaluation runs without grad and saves nothing. Per-label bytes
+(saved_tensors.py: (microbatch, layer), (microbatch, "other"), ("recompute", layer)) are reset every
+recorded step; `logged_labels` keeps those of the last step --log-memory printed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
+from typing import Iterator
 
 import torch
 
@@ -72,19 +78,37 @@ class MemoryAccounting:
     def __init__(self, chunks, zero, topo: Topology, device: torch.device):
         self.zero, self.topo, self.device = zero, topo, device
         self.meter = SavedTensorMeter()
-        self.hook_handles = self.meter.label_layers(
-            {int(k): blk for c in chunks for k, blk in getattr(c, "layers", {}).items()})
-        self.activation_bytes = 0  # max over the run's steps of the per-step peak
+        self.layers = {int(k): blk for c in chunks for k, blk in getattr(c, "layers", {}).items()}
+        self.activation_bytes = 0  # max over the recorded steps of the per-step peak
         self.activation_host_bytes = 0
         self.logged_labels: dict = {}
+        self.record_every_step = False  # benches / tests measuring every step; the trainer records only some
+        self.recorded_iterations: list[int] = []
 
-    def start_step(self) -> None:
+    def records(self, logged: bool) -> bool:
+        """Whether the next training step runs with the meter: the first one, one --log-memory reports
+        (`logged`), or every one with record_every_step."""
+        return self.record_every_step or logged or not self.recorded_iterations
+
+    @contextlib.contextmanager
+    def recording(self, iteration: int, executor) -> Iterator[None]:
+        """Record training step `iteration` (the schedule `executor` runs inside the block): peak and
+        per-label bytes from zero, the executor's microbatch scopes and the blocks' layer labels on (hooks
+        present only while recording), the step's peaks folded into the run's maxima afterwards."""
         self.meter.reset_peak()
         self.meter.reset_labels()
-
-    def end_step(self) -> None:
+        handles = self.meter.label_layers(self.layers)
+        executor.meter = self.meter
+        try:
+            with self.meter.recording():
+                yield
+        finally:
+            executor.meter = None
+            for handle in handles:
+                handle.remove()
         self.activation_bytes = max(self.activation_bytes, self.meter.peak_bytes)
         self.activation_host_bytes = max(self.activation_host_bytes, self.meter.host_peak_bytes)
+        self.recorded_iterations.append(iteration)
 
     def model_state_bytes(self) -> int:
         parts = self.zero.memory_bytes()

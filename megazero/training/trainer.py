@@ -118,11 +118,11 @@ class Trainer:
         p2p = PipelineP2P.for_chunks(list(self.chunks), cfg.micro_batch_size(topo.world_size), topo.pp_ranks,
                                      topo.pp_rank, topo.pp_group, device) if topo.pp > 1 else None
         self.executor = PipelineExecutor(list(self.chunks), topo.pp_rank, topo.pp, p2p, input_key="tokens")
-        # saved-for-backward bytes of every training step (memory_report.py): the meter records around
-        # the whole schedule (saved-tensor hooks nest by replacement) and the executor labels microbatches
+        # saved-for-backward bytes (memory_report.py): on the steps that report them (the first one, and
+        # those --log-memory logs) the meter records around the whole schedule (saved-tensor hooks nest by
+        # replacement) and the executor labels microbatches
         self.memory = MemoryAccounting(list(self.chunks), self.zero, topo, device)
         self.activation_meter = self.memory.meter
-        self.executor.meter = self.activation_meter
         self.train_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches)
         self.eval_plan = build_plan(topo.pp_rank, topo.pp, self.vp, self.num_microbatches, forward_only=True)
         self.lr_schedule = LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters or t.train_iters,
@@ -132,7 +132,8 @@ class Trainer:
 
         self.log(f"model: {self.num_parameters:,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
                  f"{m.num_attention_heads} heads, seq {m.seq_length}, vocab {m.vocab_size} padded to "
-                 f"{m.padded_vocab_size(topo.tp)}; {describe_parts(m)}); {topo.tp}-way tensor x {topo.pp}-way pipeline"
+                 f"{m.padded_vocab_size(topo.tp)}; {describe_parts(m)}; {cfg.activation.describe()}); "
+                 f"{topo.tp}-way tensor x {topo.pp}-way pipeline"
                  f"{f' (interleaved, {self.vp} chunks per stage)' if self.vp > 1 else ''} x {topo.dp}-way data parallel; "
                  f"global batch {self.global_batch} = micro {cfg.micro_batch_size(topo.world_size)} x {self.num_microbatches} "
                  f"accumulation x {topo.dp} dp; ZeRO stage {cfg.zero.stage}, {pr.params_dtype}; "
@@ -192,10 +193,12 @@ class Trainer:
         clock = self._phase_clock()
         self.zero.start_step(self.num_microbatches)
         microbatches = self._next_microbatches(batches)
-        self.memory.start_step()
-        with self.activation_meter.recording():
+        iteration = self.iteration + 1
+        if self.memory.records(logged=self.cfg.logging.log_memory and self._logs_at(iteration)):
+            with self.memory.recording(iteration, self.executor):
+                losses = self.executor.run(self.train_plan, microbatches, lm_loss, grad_scale=scale)
+        else:
             losses = self.executor.run(self.train_plan, microbatches, lm_loss, grad_scale=scale)
-        self.memory.end_step()
         clock("forward-backward")
         run_context.set_phase("gradient reduction")
         self.zero.finish_grad_sync()
@@ -221,6 +224,11 @@ class Trainer:
             self.optimizer_steps += 1
         return StepRecord(self.iteration, self._batch_mean_loss(losses), result.grad_norm, lr, self.consumed_samples,
                           scale, result.skipped)
+
+    def _logs_at(self, iteration: int) -> bool:
+        """Whether the loop logs training step `iteration` (every log_interval-th and the last)."""
+        t = self.cfg.training
+        return iteration % t.log_interval == 0 or iteration == t.train_iters
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float | None:
@@ -265,13 +273,19 @@ class Trainer:
         if not mine:
             return
         everyone = comm.all_gather_object((mine, activations), self.topo.world_group)
-        scalars = {f"{k.split('/')[0]}/rank{r}/{k.split('/', 1)[1]}": v
-                   for r, (d, _) in enumerate(everyone) for k, v in d.items()}
-        lines = [line for r, (d, act) in enumerate(everyone) for c in [rank_to_coords(r, self.topo.shape)]
-                 for line in [f" rank {r} (pp {c.pp}, dp {c.dp}, tp {c.tp}): " + " | ".join(
-                     f"{k.split('/', 1)[1].removesuffix('-bytes')}: {v / 2**20:.2f} MiB" for k, v in d.items())]
-                 + ([f"   {act}"] if act else [])]
-        self.monitor.log_scalars(iteration, scalars, [f" per-rank accounting at iteration {iteration}:"] + lines)
+        scalars: dict[str, float] = {}  # memory/rank{r}/..., comm/rank{r}/...
+        lines = [f" per-rank accounting at iteration {iteration}:"]
+        for r, (values, act) in enumerate(everyone):
+            fields = []
+            for key, v in values.items():
+                kind, name = key.split("/", 1)
+                scalars[f"{kind}/rank{r}/{name}"] = v
+                fields.append(f"{name.removesuffix('-bytes')}: {v / 2**20:.2f} MiB")
+            c = rank_to_coords(r, self.topo.shape)
+            lines.append(f" rank {r} (pp {c.pp}, dp {c.dp}, tp {c.tp}): " + " | ".join(fields))
+            if act:  # --log-memory: the rank's activation line
+                lines.append(f"   {act}")
+        self.monitor.log_scalars(iteration, scalars, lines)
 
     def _save_timeline(self, path: Path, events: list[dict]) -> None:
         """Gather the last training step's compute intervals from every stage of this pipeline; the
@@ -362,7 +376,7 @@ class Trainer:
             if not record.skipped:
                 interval_losses.append(record.lm_loss)
             last = record.iteration == t.train_iters
-            if record.iteration % t.log_interval == 0 or last:
+            if self._logs_at(record.iteration):
                 elapsed = time.perf_counter() - interval_start
                 # Megatron logs the mean lm loss over the log interval's applied steps (one step's loss
                 # is noisy); with every step skipped, the step's own (non-finite) loss.
@@ -402,8 +416,8 @@ class Trainer:
             self._save_timeline(Path(timeline_out), timeline_events)
         test = self.evaluate("test") if stop is None else None  # an early stop is resumed, not finished
         memory = self.memory.summary()  # collective: every rank's numbers
-        self.summary = self.monitor.close(memory=memory, extra_summary={"test_lm_loss": test, "num_parameters": self.num_parameters,
-                                           "world_size": self.topo.world_size, "tp": self.topo.tp,
-                                           "dp": self.topo.dp, "pp": self.topo.pp, "iteration": self.iteration,
-                                           "exit_reason": stop or "train-iters reached"})
+        extra = {"test_lm_loss": test, "num_parameters": self.num_parameters, "world_size": self.topo.world_size,
+                 "tp": self.topo.tp, "dp": self.topo.dp, "pp": self.topo.pp, "iteration": self.iteration,
+                 "exit_reason": stop or "train-iters reached"}
+        self.summary = self.monitor.close(memory=memory, extra_summary=extra)
         return history

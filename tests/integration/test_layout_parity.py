@@ -94,7 +94,9 @@ def _optimizer_config(optimizer: str, model: str = "gpt2") -> OptimizerConfig:
                            clip_grad=1.0, weight_decay=0.1)
 
 
-def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts):
+def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts, evaluated=()):
+    """layout -> [(loss, grad norm)] per step; for the layouts in `evaluated` also ("eval", layout) ->
+    the validation loss after training (trainer.evaluate)."""
     data = ResolvedData(prefix=prefix, tokenizer_model=tokenizer_model, vocab_size=512, description="tiny")
     out = {}
     NVME_DIR.mkdir(exist_ok=True)
@@ -105,6 +107,8 @@ def _train_layouts(rank, world_size, prefix, tokenizer_model, layouts):
         os.environ["MEGATRON_KERNELS_FORCE_REFERENCE"] = "1" if layout.offload.endswith("-reference") else "0"
         trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=lambda _: None)
         history = trainer.train()
+        if layout in evaluated:
+            out[("eval", layout)] = trainer.evaluate("valid")
         offload = trainer.zero.optimizer.offload
         files = getattr(offload.store, "dir", None) if offload is not None else None
         if layout.offload == "nvme":

@@ -2,7 +2,8 @@
 microbatches under 1F1B, where the first stage holds min(pp, m) = 2 microbatches' saved tensors at
 its peak and the last stage 1; --log-memory's per-rank lines and TensorBoard scalars; summary.json's
 `memory` section (max over ranks and per_rank); the same layout with full recomputation of every layer
-and its kept inputs offloaded to host memory. One launch of 2 processes."""
+and its kept inputs offloaded to host memory; which steps the meter records (the first, and those
+--log-memory logs); the start-up line naming the activation settings. One launch of 2 processes."""
 
 from __future__ import annotations
 
@@ -35,25 +36,42 @@ def _train_pp2(rank, world_size, prefix, tokenizer_model, run_dir):
         logging={"log_memory": True, "output_dir": run_dir})
     validate(cfg, world_size)
     topo = Topology.build(GridShape(world_size, tp=1, pp=PP), rank)
-    trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=Path(run_dir), log=lambda _: None)
+    logs = []
+    trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=Path(run_dir), log=logs.append)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         trainer.train()
     meter = trainer.activation_meter
     parts = trainer.zero.memory_bytes()
     result = {"peak": meter.peak_bytes, "live": meter.live_bytes, "labels": dict(trainer.memory.logged_labels),
-              "model_state": sum(parts[k] for k in STATE_PARTS), "stdout": out.getvalue()}
+              "model_state": sum(parts[k] for k in STATE_PARTS), "stdout": out.getvalue(), "log": logs,
+              "recorded": {"log_memory": trainer.memory.recorded_iterations}}
     trainer.close()
 
     cfg = parity_config(prefix, tokenizer_model, Layout(pp=PP, micro=1, activation=FULL_OFFLOAD)).replace(
         training={"train_iters": 1})
     validate(cfg, world_size)
-    trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=lambda _: None)
+    logs = []
+    trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=logs.append)
     trainer.train()
     meter = trainer.activation_meter
     result["full_offload"] = {"peak": meter.peak_bytes, "host_peak": meter.host_peak_bytes,
-                              "labels": dict(meter.bytes_by_label)}
+                              "labels": dict(meter.bytes_by_label), "log": logs}
     trainer.close()
+
+    # which steps run with the meter: 5 steps logged every 2nd (2, 4 and the last, 5), with and without
+    # --log-memory, and a run resumed at iteration 2 (its first step is 3)
+    for name, logging, start in (("log_memory_interval2", {"log_memory": True}, 0), ("plain", {}, 0),
+                                 ("resumed_at_2", {}, 2)):
+        cfg = parity_config(prefix, tokenizer_model, Layout(pp=PP, micro=1)).replace(
+            training={"train_iters": 5, "log_interval": 2, "eval_interval": 5, "eval_iters": 0}, logging=logging)
+        validate(cfg, world_size)
+        trainer = Trainer(cfg, topo, data, torch.device("cpu"), run_dir=None, log=lambda _: None)
+        trainer.iteration = start
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.train()
+        result["recorded"][name] = trainer.memory.recorded_iterations
+        trainer.close()
     return result
 
 
@@ -118,12 +136,33 @@ def test_log_memory_lines_and_scalars(pp2_run):
 
 
 def test_full_recomputation_with_offload(pp2_run):
-    """Each layer's kept input (one [b, s, h]) lives in host memory: stage 0 holds 2 microbatches' worth
-    at its peak, stage 1 one; the device holds only a recomputation's transients and the "other" parts,
-    less than without recomputation; every layer is recomputed in backward."""
+    """Each layer's kept input (one [b, s, h]) lives in host memory, except on stage 1 the first layer's:
+    the buffer received from stage 0, which the executor keeps for its gradient anyway, is kept as it is.
+    Stage 0 holds 2 microbatches' worth at its peak, stage 1 one; the device holds only a recomputation's
+    transients, the received inputs and the "other" parts, less than without recomputation; every layer
+    is recomputed in backward."""
     (first, last), _ = pp2_run
-    for stage, in_flight, layers in ((first, 2, range(4)), (last, 1, range(4, 8))):
+    for stage, in_flight, offloaded, layers in ((first, 2, LAYERS_PER_STAGE, range(4)),
+                                                (last, 1, LAYERS_PER_STAGE - 1, range(4, 8))):
         full = stage["full_offload"]
-        assert full["host_peak"] == in_flight * LAYERS_PER_STAGE * HIDDEN_BYTES
+        assert full["host_peak"] == in_flight * offloaded * HIDDEN_BYTES
         assert 0 < full["peak"] < stage["peak"]
         assert {k[1] for k in full["labels"] if k[0] == "recompute" and k[1] != "other"} == set(layers)
+
+
+def test_the_meter_records_the_first_step_and_the_logged_ones(pp2_run):
+    """Its hooks cost time: only the steps whose numbers are reported run with it (summary.json's
+    activation_bytes is the max over those; every step saves the same bytes)."""
+    (first, last), _ = pp2_run
+    for stage in (first, last):
+        assert stage["recorded"] == {"log_memory": [1, 2], "log_memory_interval2": [1, 2, 4, 5], "plain": [1],
+                                     "resumed_at_2": [3]}
+
+
+def test_start_up_line_names_the_activation_settings(pp2_run):
+    (first, _), _ = pp2_run
+    model_line = [line for line in first["log"] if line.startswith("model: ")]
+    assert len(model_line) == 1 and "; activations: no recomputation); " in model_line[0]
+    model_line = [line for line in first["full_offload"]["log"] if line.startswith("model: ")]
+    assert ("; activations: full recomputation (uniform, 1 layer per checkpoint, inputs offloaded to host)); "
+            in model_line[0])

@@ -2,8 +2,9 @@
 the RNG streams after backward are bitwise those of the same computation without it (fp32, CPU), with
 dropout drawn from the ambient generator, from a forked stream and inside a fork; the kept inputs are
 the only saved tensors (device bytes, or host bytes under offload), partitioned across 2 gloo ranks or
-offloaded without changing a bit; ZeRO-3 keeps a recomputed block gathered for its backward;
-recompute_spans follows Megatron's uniform / block methods.
+offloaded without changing a bit (a chunk's received input kept as it is); ZeRO-3 keeps a recomputed
+block gathered for its backward; recompute_spans on a later chunk's layer ids; ActivationConfig's
+start-up phrase; a second backward through a retained graph is refused.
 """
 
 import dataclasses
@@ -127,17 +128,38 @@ def test_gpt_recomputation_is_bitwise_with_dropout(tp_group, act, model, monkeyp
     assert len(calls) >= 4  # the model did checkpoint (2 passes, 2 spans or more each)
 
 
-def test_recompute_spans():
-    ids = [4, 5, 6, 7, 8]
-    spans = recompute.recompute_spans
-    uniform = ActivationConfig(recompute_granularity="full", recompute_num_layers=2)
-    assert spans(ids, uniform) == [([4, 5], True), ([6, 7], True), ([8], True)]
-    assert spans(ids, FULL) == [([i], True) for i in ids]
+def test_recompute_spans_of_a_later_chunk_and_edge_cases():
+    # the methods' table is tests/unit/test_activation_flags.py (layers 0-4); here what it leaves out: a
+    # later pipeline chunk's global layer ids, block with more layers asked than the chunk holds, no layers
     block = ActivationConfig(recompute_granularity="full", recompute_method="block", recompute_num_layers=2)
-    assert spans(ids, block) == [([4], True), ([5], True), ([6, 7, 8], False)]
-    assert spans([4], block) == [([4], True)]
-    assert spans(ids, ActivationConfig(recompute_granularity="selective")) == [(ids, False)]
-    assert spans([], ActivationConfig()) == []
+    assert recompute.recompute_spans([4, 5, 6], block) == [([4], True), ([5], True), ([6], False)]
+    assert recompute.recompute_spans([4], block) == [([4], True)]
+    assert recompute.recompute_spans([], ActivationConfig()) == []
+
+
+@pytest.mark.parametrize("act,expected", [
+    (ActivationConfig(), "no recomputation"),
+    (ActivationConfig(sequence_parallel=True, recompute_granularity="selective"),
+     "sequence parallel; selective recomputation (core attention where it pays, MLP activation)"),
+    # what a ds_config with partition_activations + cpu_checkpointing maps to (megazero/ds_config/mapping.py)
+    (ActivationConfig(recompute_granularity="full", distribute_saved_activations=True, cpu_offload_activations=True),
+     "full recomputation (uniform, 1 layer per checkpoint, inputs partitioned across tensor-parallel ranks and "
+     "offloaded to host)"),
+    (ActivationConfig(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+     "full recomputation (block, the first 2 layers of each model chunk checkpointed one by one)"),
+])
+def test_activation_config_describe(act, expected):
+    assert act.describe() == "activations: " + expected  # the trainer's start-up model line carries it
+
+
+def test_a_second_backward_through_a_recomputed_region_is_refused():
+    x = torch.randn(4, requires_grad=True)
+    out = recompute.checkpoint(lambda t: t.sin() * 2, x, rng=None)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="^backward through a recomputed region twice is not supported; ") as e:
+        out.sum().backward()
+    assert "\n" not in str(e.value)
+    assert torch.equal(x.grad, 2 * x.detach().cos())  # the first backward's gradient, once
 
 
 def _blocks_forward(tp_group, activation: ActivationConfig, meter: SavedTensorMeter | None = None):
@@ -154,13 +176,16 @@ def _blocks_forward(tp_group, activation: ActivationConfig, meter: SavedTensorMe
 
 
 X_BYTES = 2 * 16 * 32 * 4  # one checkpointed input [b, s, h] fp32
+# _blocks_forward's chunk is fed by a previous stage: its first span keeps that input as received (the
+# executor holds the buffer for its gradient anyway; GPTModel.received_input_storage), never offloaded or
+# partitioned; the other spans' inputs are
 
 
 def test_full_recomputation_saves_only_the_checkpointed_inputs(tp_group):
     (device, host), *got = _blocks_forward(tp_group, FULL)
     assert (device, host) == (3 * X_BYTES, 0)  # the input of each of the 3 one-layer spans
     (device, host), *offloaded = _blocks_forward(tp_group, dataclasses.replace(FULL, cpu_offload_activations=True))
-    assert (device, host) == (0, 3 * X_BYTES)
+    assert (device, host) == (X_BYTES, 2 * X_BYTES)  # the received input stays; spans 2 and 3 on the host
     (reference, _), *plain = _blocks_forward(tp_group, ActivationConfig())
     assert reference > 10 * X_BYTES
     _assert_same(got, plain)
@@ -178,11 +203,12 @@ def test_offload_copies_the_previous_input_back_when_a_backward_starts(tp_group,
     _blocks_forward(tp_group, ActivationConfig(recompute_granularity="full", cpu_offload_activations=True))
     restored = [k for kind, k, *_ in events if kind == "restore"]  # checkpoints 2, 1, 0
     assert len(restored) == 3
-    for later, k in zip(restored, restored[1:]):
-        # checkpoint k-1's copy starts in checkpoint k's backward, before k's own input is restored,
-        # and is what k-1's restore uses (no second copy)
-        assert events.index(("prefetch", k, True)) < events.index(("restore", later))
-        assert ("prefetch", k, False) in events
+    # checkpoint 1's copy starts in checkpoint 2's backward, before 2's own input is restored, and is
+    # what 1's restore uses (no second copy)
+    later, k = restored[0], restored[1]
+    assert events.index(("prefetch", k, True)) < events.index(("restore", later))
+    assert ("prefetch", k, False) in events
+    assert ("prefetch", restored[2], False) not in events  # checkpoint 0 keeps the received input: no copy
 
 
 def _partitioned(rank, world_size):
@@ -206,8 +232,8 @@ def _partitioned(rank, world_size):
 def test_partitioned_inputs_on_two_ranks():
     for r in run_distributed(_partitioned, 2):
         assert r["full"][0] == (3 * X_BYTES, 0)
-        assert r["partition"][0] == (3 * X_BYTES // 2, 0)
-        assert r["partition+offload"][0] == (0, 3 * X_BYTES // 2)
+        assert r["partition"][0] == (X_BYTES + 2 * X_BYTES // 2, 0)  # the received input whole, 2 halves
+        assert r["partition+offload"][0] == (X_BYTES, 2 * X_BYTES // 2)
         for name in ("full", "partition", "partition+offload"):
             _assert_same(r[name][1:], r["plain"][1:])
         assert r["chunk"].shape == (4,)

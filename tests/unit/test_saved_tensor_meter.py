@@ -1,9 +1,13 @@
 """SavedTensorMeter (megazero/activation/saved_tensors.py) on plain modules, one process: exact bytes of
 known saved tensors, storages counted once, parameters never, release by backward, peak, host bytes,
-and the (microbatch, layer) / ("recompute", layer) labels of label_layers."""
+the (microbatch, layer) / ("recompute", layer) labels of label_layers, and autograd's in-place
+modification check kept while the meter records."""
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,6 +59,28 @@ def test_parameters_are_not_counted():
         y = (w * w.t()).sum()  # saves w and a view of w: parameters, model state
     assert meter.live_bytes == meter.peak_bytes == 0
     y.backward()
+
+
+@pytest.mark.parametrize("recording", [False, True], ids=["autograd", "meter"])
+def test_a_saved_tensor_modified_in_place_is_refused_as_autograd_does(recording):
+    """sin saves its input y; y.add_(1) before backward would make the gradient cos(y + 1): autograd refuses
+    (its version check), and so must the meter, whose hooks take that check away from autograd."""
+    meter = SavedTensorMeter()
+    x = torch.randn(3, 2, requires_grad=True)
+    with meter.recording() if recording else contextlib.nullcontext():
+        y = x * 2
+        z = y.sin()
+    y.add_(1)
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation: \[torch\.FloatTensor \[3, 2\]\]"
+                                           r".* is at version 1; expected version 0 instead\.") as e:
+        z.sum().backward()
+    assert "\n" not in str(e.value)
+    # unmodified, the same computation runs through the meter unchanged
+    with meter.recording():
+        y = x * 2
+        z = y.sin()
+    z.sum().backward()
+    assert torch.equal(x.grad, 2 * torch.cos(x.detach() * 2))
 
 
 def test_peak_over_in_flight_microbatches_and_reset():
