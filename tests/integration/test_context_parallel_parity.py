@@ -3,9 +3,10 @@ dropout 0) trained with the sequence split over cp ranks gives the single proces
 grad norm (fp32, rtol 1e-5): cp 2 with p2p (ring) and a2a (all-to-all), GPT-2 (learned positions) and
 Llama (rope + GQA, 2 key/value groups); cp 4 p2p (and a2a for Llama: groups replicated to 4); cp 2 with
 tp 2 + sequence parallelism, with pp 2, with dp 2 under ZeRO-1 and ZeRO-3, with selective recomputation
-(the cp attention re-run in backward); cp2 tp2 pp2 on 8 ranks; and the validation loss after training.
-The pipeline carries [b, s/cp, h] ([b, s/(cp tp), h] with SP). A checkpoint saved at cp 2 resumes at
-cp 1 (dp 2) with the uninterrupted run's losses. One launch per world size (1, 2, 4, 8).
+(the cp attention re-run in backward); cp2 tp2 pp2 with SP (Llama) on 8 ranks; and the validation
+loss after training. The pipeline carries [b, s/cp, h] ([b, s/(cp tp), h] with SP). A checkpoint saved
+at cp 2 resumes at cp 1 (dp 2) with the uninterrupted run's losses. One launch per world size (1, 2, 4,
+8); each parity test prints its max relative differences (pytest -s).
 """
 
 import re
@@ -36,12 +37,11 @@ SAVER, LOADER = L(cp=2), L()  # on 2 ranks: cp 2 dp 1 saves, cp 1 dp 2 loads
 LAUNCHES = {  # world size -> layouts trained from scratch; micro 2
     1: [L(), L(model="llama")],  # the references
     2: [L(cp=2, cp_comm="a2a"), L(cp=2, model="llama"), L(cp=2, cp_comm="a2a", model="llama"),
-        L(cp=2, activation=SELECTIVE), L(cp=2, model="llama", activation=SELECTIVE)],
-    4: [L(cp=4), L(cp=4, model="llama"), L(cp=4, cp_comm="a2a", model="llama"),
+        L(cp=2, activation=SELECTIVE)],
+    4: [L(cp=4), L(cp=4, cp_comm="a2a", model="llama"),
         L(cp=2, tp=2, activation=SP), L(cp=2, tp=2, model="llama", activation=SP),
-        L(cp=2, tp=2, cp_comm="a2a", activation=SP), L(cp=2, pp=2), L(cp=2, pp=2, model="llama"),
-        L(cp=2, zero=1), L(cp=2, zero=3), L(cp=2, zero=3, model="llama")],
-    8: [L(cp=2, tp=2, pp=2), L(cp=2, tp=2, pp=2, model="llama", activation=SP)],
+        L(cp=2, tp=2, cp_comm="a2a", activation=SP), L(cp=2, pp=2), L(cp=2, zero=1), L(cp=2, zero=3)],
+    8: [L(cp=2, tp=2, pp=2, model="llama", activation=SP)],  # 8 processes start slowly: one layout
 }
 PIPELINED = [(4, L(cp=2, pp=2)), (8, L(cp=2, tp=2, pp=2, model="llama", activation=SP))]  # buffer shapes recorded
 
@@ -96,6 +96,11 @@ def histories(tiny_dataset, tmp_path_factory):
     return merged
 
 
+def max_rel_diff(got, reference) -> tuple[float, float]:
+    """(loss, grad norm): the largest relative difference over the steps (the closing note's table)."""
+    return tuple(max(abs(g[i] - r[i]) / abs(r[i]) for g, r in zip(got, reference)) for i in (0, 1))
+
+
 def _assert_close(got, reference, first_step: int = 1) -> None:
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, reference), start=first_step):
         assert loss == pytest.approx(ref_loss, rel=RTOL), f"step {step} loss {loss} vs {ref_loss}"
@@ -109,6 +114,7 @@ PARITY = [(w, layout) for w, layouts in LAUNCHES.items() if w > 1 for layout in 
 def test_context_parallel_layout_matches_single_process(histories, key):
     got, reference = histories[key], histories[(1, L(model=key[1].model))]
     assert len(got) == len(reference) == STEPS
+    print(f"{cp_id(*key)}: max rel diff loss %.1e grad norm %.1e" % max_rel_diff(got, reference))
     _assert_close(got, reference)
 
 
