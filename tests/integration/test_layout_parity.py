@@ -169,6 +169,14 @@ def layout_id(world: int, layout: Layout) -> str:
             f"{f'-cp{layout.cp}-{layout.cp_comm}' if layout.cp > 1 else ''}")
 
 
+def agreed(world: int, per_rank: list[dict]) -> dict:
+    """{(world, key): value} for what every rank of one launch returned under key; the ranks must agree."""
+    for key in per_rank[0]:
+        for r in per_rank[1:]:
+            assert r[key] == per_rank[0][key], f"ranks disagree in {key}"
+    return {(world, key): value for key, value in per_rank[0].items()}
+
+
 def run_launches(launches: dict[int, list[Layout]], prefix, model) -> dict[tuple[int, Layout], list]:
     """One launch per world size training its layouts; (world, layout) -> [(loss, grad norm)] per step."""
     merged = {}

@@ -21,7 +21,7 @@ from megazero.training.trainer import Trainer
 from megazero.validation import validate
 from tests.dist_utils import run_distributed
 from tests.integration.test_layout_parity import (
-    MIXED_NORM_RTOL, MIXED_RTOL, RTOL, STEPS, Layout, _train_layouts, layout_id, parity_config,
+    MIXED_NORM_RTOL, MIXED_RTOL, RTOL, STEPS, Layout, _train_layouts, agreed, layout_id, parity_config,
 )
 
 L = Layout
@@ -101,11 +101,7 @@ def histories(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("sp_checkpoints")
     merged = {}
     for world, layouts in LAUNCHES.items():
-        per_rank = run_distributed(_launch, world, *tiny_dataset, layouts, root)
-        for key in per_rank[0]:
-            for r in per_rank[1:]:
-                assert r[key] == per_rank[0][key], f"ranks disagree in {key}"
-            merged[(world, key)] = per_rank[0][key]
+        merged.update(agreed(world, run_distributed(_launch, world, *tiny_dataset, layouts, root)))
     return merged
 
 
