@@ -179,7 +179,7 @@ def test_dispatch_backward_matches_reference_on_cpu():
 class _LegacyLayerNorm(nn.Module):
     """megazero.model.norms.LayerNorm as it was before the dispatch (F.layer_norm directly)."""
 
-    def __init__(self, hidden_size, eps=1e-5, dtype=torch.float32, device=None, use_fused=True):
+    def __init__(self, hidden_size, eps=1e-5, dtype=torch.float32, device=None, use_fused=True, grad_sum_group=None):
         super().__init__()
         from megazero.tensor_parallel.init import constant_init, set_init
 
