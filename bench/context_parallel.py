@@ -70,9 +70,10 @@ def layouts() -> list[tuple[int, str]]:
 # ----- the activation model, extended for cp ---------------------------------------------------------
 def _cp_attention(seg: mm.Seg, m_local: ModelConfig, cp: int, comm_type: str) -> mm.Seg:
     """One segment of memory_model's block at s/cp, with what the cp attention keeps instead of cp 1's
-    core attention. p2p (RingAttention.save_for_backward(q, k, v, out, lse)): q and k after rope, v (a
-    view of the fused QKV output: its whole storage), the output [b, nq, s/cp, d] and the fp32 lse
-    [b, nq, s/cp]; k, v unrepeated (the ring repeats GQA groups per block, unsaved). a2a: the core
+    core attention. p2p (RingAttention.save_for_backward(q, k, v, out, lse)): q after rope, contiguous
+    copies of k (after rope) and v [b, nkv, s/cp, d] (not v's view of the fused QKV output), the output
+    [b, nq, s/cp, d] and the fp32 lse [b, nq, s/cp]; k, v unrepeated (the ring repeats GQA groups per
+    block, unsaved). a2a: the core
     attention on [b, nq/cp, s, d] keeps what cp 1's keeps at s/cp (same bytes: heads / cp x s = heads x
     s / cp), so its segment stays. Both: the output comes back [b, nq, s/cp, d] contiguous, so the dense
     layer's input (transpose + reshape) is a copy, not a view of the attention output as with CPU flash."""
@@ -84,8 +85,8 @@ def _cp_attention(seg: mm.Seg, m_local: ModelConfig, cp: int, comm_type: str) ->
     if seg.name == "core_attention" and comm_type == "p2p":
         assert m_local.position_embedding_type == "rope" and not m_local.qk_layernorm, "modelled: rope, no qk norm"
         return mm.Seg(seg.name, [(prefix + ("rope.q",), b * a * s * d * E, False),
-                                 (prefix + ("rope.k",), b * g * s * d * E, False),
-                                 (prefix + ("qkv",), b * s * sh.qkv_width * E, False),
+                                 (prefix + ("ring.k",), b * g * s * d * E, False),
+                                 (prefix + ("ring.v",), b * g * s * d * E, False),
                                  (prefix + ("ring.out",), b * a * s * d * E, False),
                                  (prefix + ("ring.lse",), b * a * s * mm.FP32, False)])
     if seg.name == "dense":

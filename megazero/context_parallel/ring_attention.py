@@ -167,7 +167,9 @@ class RingAttention(torch.autograd.Function):
         c = q.shape[2] // (1 if cp == 1 else 2)  # tokens per local chunk
         qf = q.float()
         out, lse = [None, None], [None, None]  # per local q chunk, merged over the blocks seen so far
-        kv = (k.contiguous(), v.contiguous())
+        # contiguous copies, sent and kept for backward: v (often k too) is a view of the fused QKV
+        # output, which saving the view would keep whole ([b, s/cp, (nq + 2 nkv) d] instead of nkv d)
+        own_kv = kv = (k.contiguous(), v.contiguous())
         for i in range(cp):
             nxt = ring.post(kv, (_TAG_K, _TAG_V)) if i < cp - 1 else None  # posted before the compute
             kf, vf = (_repeat_heads(t, rep) for t in kv)  # [b, nq, 2c, d]
@@ -179,7 +181,7 @@ class RingAttention(torch.autograd.Function):
                 kv = nxt.wait()
         n = 1 if cp == 1 else 2
         result = torch.cat(out[:n], dim=2).to(q.dtype)
-        ctx.save_for_backward(q, k, v, result, torch.cat(lse[:n], dim=2))
+        ctx.save_for_backward(q, *own_kv, result, torch.cat(lse[:n], dim=2))
         ctx.cp_group = cp_group
         return result
 
@@ -193,7 +195,7 @@ class RingAttention(torch.autograd.Function):
         qf, dof = q.float(), dout.float()
         delta = (dof * out.float()).sum(-1)  # D = rowsum(dout * out) [b, nq, 2c]
         dq = torch.zeros_like(qf)
-        kv, own, travelling = (k.contiguous(), v.contiguous()), None, None  # travelling: a _Transfer
+        kv, own, travelling = (k, v), None, None  # (saved contiguous); travelling: a _Transfer
         for i in range(cp):
             nxt = ring.post(kv, (_TAG_K, _TAG_V)) if i < cp - 1 else None  # posted before the compute
             kf, vf = (_repeat_heads(t, rep) for t in kv)
