@@ -177,16 +177,13 @@ def agreed(world: int, per_rank: list[dict]) -> dict:
     return {(world, key): value for key, value in per_rank[0].items()}
 
 
-def run_launches(launches: dict[int, list[Layout]], prefix, model) -> dict[tuple[int, Layout], list]:
-    """One launch per world size training its layouts; (world, layout) -> [(loss, grad norm)] per step."""
+def run_launches(launches: dict[int, list[Layout]], prefix, model, launch=None, *extra) -> dict:
+    """One launch per world size running `launch(rank, world, prefix, model, layouts, *extra)` (default:
+    training the layouts); {(world, key): value} of what the ranks returned, which they must agree on
+    (every rank reports the same pipeline- and dp-reduced loss and the same global grad norm)."""
     merged = {}
     for world, layouts in launches.items():
-        per_rank = run_distributed(_train_layouts, world, prefix, model, layouts)
-        for layout in layouts:
-            # every rank reports the same (pipeline- and dp-reduced) loss and the same global grad norm
-            for r in per_rank[1:]:
-                assert r[layout] == per_rank[0][layout], f"ranks disagree in layout {layout}"
-            merged[(world, layout)] = per_rank[0][layout]
+        merged.update(agreed(world, run_distributed(launch or _train_layouts, world, prefix, model, layouts, *extra)))
     return merged
 
 

@@ -19,9 +19,8 @@ from megazero.topology import GridShape, Topology
 from megazero.training.data_setup import ResolvedData
 from megazero.training.trainer import Trainer
 from megazero.validation import validate
-from tests.dist_utils import run_distributed
 from tests.integration.test_layout_parity import (
-    MIXED_NORM_RTOL, MIXED_RTOL, RTOL, STEPS, Layout, _train_layouts, agreed, layout_id, parity_config,
+    MIXED_NORM_RTOL, MIXED_RTOL, RTOL, STEPS, Layout, _train_layouts, layout_id, parity_config, run_launches,
 )
 
 L = Layout
@@ -98,11 +97,7 @@ def _launch(rank, world_size, prefix, tokenizer_model, layouts, root):
 
 @pytest.fixture(scope="module")
 def histories(tiny_dataset, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sp_checkpoints")
-    merged = {}
-    for world, layouts in LAUNCHES.items():
-        merged.update(agreed(world, run_distributed(_launch, world, *tiny_dataset, layouts, root)))
-    return merged
+    return run_launches(LAUNCHES, *tiny_dataset, _launch, tmp_path_factory.mktemp("sp_checkpoints"))
 
 
 def _assert_close(got, reference, rtol: float, norm_rtol: float, first_step: int = 1) -> None:
